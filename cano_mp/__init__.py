@@ -1,0 +1,66 @@
+"""cano_mp: CPU pipelines as finite state machines on a pool of worker processes.
+
+A driver walks the state machine; each state's work runs in a loky worker process; state
+travels through a shared-memory store. See README.md and the public contract for the full
+picture. Everything public is importable from here.
+"""
+
+from __future__ import annotations
+
+from ._context import TaskContext, task_context
+from ._engine import RemoteError
+from ._errors import (
+    CanoError,
+    ConfigError,
+    JoinError,
+    StoreError,
+    StoreKeyError,
+    TaskError,
+    TaskTimeout,
+    TransitionError,
+    WorkerCrashed,
+    WorkflowTimeout,
+)
+from ._executor import Executor, InlineExecutor
+from ._join import JoinConfig, JoinStrategy, SplitResult
+from ._observe import Observer, RunInfo
+from ._process import ProcessExecutor
+from ._retry import RetryPolicy, TaskConfig
+from ._store import SharedStore
+from ._task import FunctionTask, Node, Task, task
+from ._workflow import Workflow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CanoError",
+    "ConfigError",
+    "Executor",
+    "FunctionTask",
+    "InlineExecutor",
+    "JoinConfig",
+    "JoinError",
+    "JoinStrategy",
+    "Node",
+    "Observer",
+    "ProcessExecutor",
+    "RemoteError",
+    "RetryPolicy",
+    "RunInfo",
+    "SharedStore",
+    "SplitResult",
+    "StoreError",
+    "StoreKeyError",
+    "Task",
+    "TaskConfig",
+    "TaskContext",
+    "TaskError",
+    "TaskTimeout",
+    "TransitionError",
+    "WorkerCrashed",
+    "Workflow",
+    "WorkflowTimeout",
+    "__version__",
+    "task",
+    "task_context",
+]

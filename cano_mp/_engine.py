@@ -1,0 +1,631 @@
+"""The FSM driver: one run of a workflow, from its initial state to an exit state.
+
+For each state the engine takes a snapshot of the store, then drives the state's
+*branches* (one for a plain task, several for a split) through their attempts::
+
+    waiting --quota + bulkhead--> running --ok------------------------> ok
+                                     |  \\--error / timeout / crash--> retry --delay--> waiting
+                                     |                           \\--retries spent--> failed
+                                     \\--the join no longer needs it / timeout / Ctrl-C--> cancelled
+
+A running branch is a call on the executor (see ``_executor``): ``(unit blob, snapshot
+blob, attempt, deadline, run id, token)``. Its future's done-callback wakes this loop,
+which otherwise sleeps until the nearest deadline (attempt timeout, retry time, join
+timeout, workflow timeout). Nothing waits without a deadline on a future.
+
+Writes: a successful attempt returns a write log; a plain task's log is committed when the
+task succeeds and its next state is valid; a split's successful logs are committed in
+branch-index order once the join proceeds. Everything else is discarded, with the segments
+the attempt created (found by its token once the call has really stopped).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from ._errors import (
+    CanoError,
+    ConfigError,
+    JoinError,
+    TaskError,
+    TaskTimeout,
+    TransitionError,
+    WorkerCrashed,
+    WorkflowTimeout,
+)
+from ._executor import CANCELLED, Blob, Call, Executor, InlineExecutor, WorkerDied
+from ._join import JoinConfig, SplitResult, decide
+from ._observe import Observers, RunInfo
+from ._retry import TaskConfig
+from ._runner import UnitSpec, run_unit_call
+from ._store import SharedStore, Snapshot
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["CANCEL_GRACE", "Plan", "RemoteError", "Run", "RunCancelled", "UnitRef"]
+
+log = logging.getLogger("cano_mp.engine")
+
+# Seconds a cancelled or timed-out call gets to notice task_context().cancelled() and
+# return before its worker is killed. Longer lets more tasks stop cleanly (their worker
+# survives, no respawn); shorter frees the slot sooner.
+CANCEL_GRACE = 0.25
+
+_INLINE = InlineExecutor()
+_tokens = itertools.count(1)
+
+
+class RemoteError(Exception):
+    """Stands in for a task's exception that could not be pickled back to the driver."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+
+class RunCancelled(CanoError):
+    """The run was cancelled from outside (ConcurrentWorkflow, asyncio cancellation)."""
+
+
+@dataclass(eq=False)
+class UnitRef:
+    """A registered unit with everything the engine needs to run it."""
+
+    unit: Any
+    name: str
+    config: TaskConfig
+    declared: tuple[Any, ...] | None
+    spec: UnitSpec
+    blob: Blob
+
+
+@dataclass(eq=False)
+class StateEntry:
+    state: Any
+    units: list[UnitRef]
+    join: JoinConfig[Any] | None  # None: a plain task
+
+
+@dataclass(eq=False)
+class Plan:
+    """A workflow's registrations frozen for running (rebuilt when they change)."""
+
+    name: str
+    entries: dict[Any, StateEntry]
+    exits: frozenset[Any]
+    table: tuple[Any, ...]
+
+
+class Quota:
+    """A counting semaphore whose waiters are woken through their run's event."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._lock = threading.Lock()
+        self._waiters: list[threading.Event] = []
+
+    def try_acquire(self, wake: threading.Event) -> bool:
+        with self._lock:
+            if self._free > 0:
+                self._free -= 1
+                return True
+            self._waiters.append(wake)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            self._free += 1
+            waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.set()
+
+    @property
+    def in_use(self) -> int:
+        return self.size - self._free
+
+
+@dataclass(eq=False)
+class _Branch:
+    index: int
+    ref: UnitRef
+    status: str = "waiting"  # waiting | running | retry | ok | failed | cancelled
+    attempt: int = 0
+    future: Future[Any] | None = None
+    executor: Any = None
+    token: str = ""
+    deadline: float | None = None
+    started: float = 0.0
+    retry_at: float = 0.0
+    next_state: Any = None
+    log: list[Any] = field(default_factory=list)
+    error: TaskError | None = None
+
+
+def _describe(state: Any) -> str:
+    return repr(state)
+
+
+class Run:
+    """One run of a workflow (use ``Workflow.orchestrate``)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        store: SharedStore,
+        executor: Executor,
+        *,
+        observers: Observers,
+        timeout: float | None,
+        quota: Quota | None,
+        cancel_grace: float = CANCEL_GRACE,
+    ) -> None:
+        self.plan = plan
+        self.store = store
+        self.executor = executor
+        self.observers = observers
+        self.timeout = timeout
+        self.quota = quota
+        self.cancel_grace = cancel_grace
+        self.run_id = uuid.uuid4().hex[:12]
+        self.info = RunInfo(self.run_id, plan.name)
+        self._wake = threading.Event()
+        self._cancelled = False
+        self._deadline: float | None = None
+        self._remote = not isinstance(executor, InlineExecutor)
+        self.state: Any = None
+
+    def cancel(self) -> None:
+        """Stop the run from another thread: it raises :class:`RunCancelled`."""
+        self._cancelled = True
+        self._wake.set()
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self, initial: Any) -> Any:
+        started = time.monotonic()
+        if self.timeout is not None:
+            self._deadline = started + self.timeout
+        obs = self.observers
+        if obs:
+            obs.emit("on_workflow_start", self.info)
+        state = initial
+        self.state = state
+        error: BaseException | None = None
+        try:
+            self._check_known(state, None)
+            while True:
+                if obs:
+                    obs.emit("on_state_enter", self.info, state)
+                if state in self.plan.exits:
+                    break
+                entry = self.plan.entries[state]
+                nxt = self._run_state(entry)
+                if log.isEnabledFor(logging.INFO):
+                    log.info(
+                        "%s run %s: %s -> %s",
+                        self.plan.name,
+                        self.run_id,
+                        _describe(state),
+                        _describe(nxt),
+                        extra={"run_id": self.run_id, "workflow": self.plan.name, "state": state},
+                    )
+                state = nxt
+                self.state = state
+            return state
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            duration = time.monotonic() - started
+            if obs:
+                obs.emit(
+                    "on_workflow_end",
+                    self.info,
+                    final_state=state if error is None else None,
+                    error=error,
+                    duration=duration,
+                )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s run %s %s in %.3fs%s",
+                    self.plan.name,
+                    self.run_id,
+                    "failed" if error is not None else "finished",
+                    duration,
+                    f": {type(error).__name__}: {error}"
+                    if error is not None
+                    else f" at {_describe(state)}",
+                    extra={"run_id": self.run_id, "workflow": self.plan.name},
+                )
+
+    def _check_known(self, state: Any, by: UnitRef | None) -> None:
+        try:
+            known = state in self.plan.entries or state in self.plan.exits
+        except TypeError:
+            known = False
+        if not known:
+            valid = ", ".join(_describe(s) for s in self.plan.table) or "none"
+            who = f"task {by.name!r} returned" if by is not None else "initial state"
+            raise TransitionError(
+                f"{who} {_describe(state)}, which is neither a registered state nor an exit "
+                f"state of workflow {self.plan.name!r} (valid: {valid})",
+                state=state,
+            )
+
+    def _run_state(self, entry: StateEntry) -> Any:
+        snap = self.store._take_snapshot()
+        if snap.blob is None:
+            snap.blob = Blob(snap.key, snap.data(), "snapshot", snap.serialised)
+        branches = [_Branch(i, ref) for i, ref in enumerate(entry.units)]
+        join = entry.join
+        join_deadline = None
+        if join is not None and join.timeout is not None:
+            join_deadline = time.monotonic() + join.timeout
+        bulkhead = join.max_parallel if join is not None and join.max_parallel else math.inf
+        try:
+            while True:
+                self._wake.clear()
+                self._collect(entry, branches)
+                now = time.monotonic()
+                self._expire(entry, branches, now)
+                timed_out = join_deadline is not None and now >= join_deadline
+                verdict = self._verdict(entry, branches, timed_out)
+                if verdict != "wait":
+                    break
+                if self._cancelled:
+                    raise RunCancelled(f"run {self.run_id} was cancelled")
+                if self._deadline is not None and now >= self._deadline:
+                    raise WorkflowTimeout(
+                        f"workflow {self.plan.name!r} timed out after {self.timeout}s "
+                        f"in state {_describe(entry.state)}",
+                        state=entry.state,
+                    )
+                self._start(entry, branches, snap, bulkhead, now)
+                if any(
+                    b.future is not None and b.future.done()
+                    for b in branches
+                    if b.status == "running"
+                ):
+                    continue
+                wake_at = [t for t in (join_deadline, self._deadline) if t is not None]
+                for b in branches:
+                    if b.status == "running" and b.deadline is not None:
+                        wake_at.append(b.deadline)
+                    elif b.status == "retry":
+                        wake_at.append(b.retry_at)
+                timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
+                self._wake.wait(timeout)
+        except BaseException as exc:
+            grace = 0.0 if isinstance(exc, KeyboardInterrupt | RunCancelled) else self.cancel_grace
+            self._stop(branches, grace)
+            raise
+        self._stop(branches, self.cancel_grace)
+        return self._finish(entry, branches, verdict, join_deadline is not None and timed_out)
+
+    def _verdict(self, entry: StateEntry, branches: list[_Branch], timed_out: bool) -> str:
+        ok = sum(1 for b in branches if b.status == "ok")
+        failed = sum(1 for b in branches if b.status == "failed")
+        pending = len(branches) - ok - failed
+        if entry.join is None:
+            return "proceed" if ok else "fail" if failed else "wait"
+        return decide(entry.join.strategy, ok, failed, pending, timed_out)
+
+    def _finish(
+        self, entry: StateEntry, branches: list[_Branch], verdict: str, timed_out: bool
+    ) -> Any:
+        join = entry.join
+        if join is None:
+            b = branches[0]
+            if verdict == "fail":
+                assert b.error is not None
+                raise b.error
+            nxt = b.next_state
+            self._check_known(nxt, b.ref)
+            if b.ref.declared is not None and nxt not in b.ref.declared:
+                raise TransitionError(
+                    f"task {b.ref.name!r} returned {_describe(nxt)}, which it does not declare "
+                    f"(next states: {', '.join(_describe(s) for s in b.ref.declared)})",
+                    state=nxt,
+                )
+            self.store._commit(b.log)
+            return nxt
+        result: SplitResult[Any] = SplitResult(total=len(branches))
+        for b in branches:
+            if b.status == "ok":
+                result.successes.append((b.index, b.next_state))
+            elif b.status == "failed":
+                assert b.error is not None
+                result.errors.append((b.index, b.error))
+            else:
+                result.cancelled.append(b.index)
+        if self.observers:
+            self.observers.emit("on_split_end", self.info, entry.state, result)
+        if verdict == "fail":
+            raise JoinError(
+                f"split in state {_describe(entry.state)} failed its "
+                f"{join.strategy!r} join: {result!r}"
+                + (f" at its {join.timeout}s timeout" if timed_out else ""),
+                result=result,
+                timed_out=timed_out,
+            )
+        for b in branches:
+            if b.status == "ok":
+                self.store._commit(b.log)
+        if join.result_key is not None:
+            self.store.put(join.result_key, result)
+        return join.join_state
+
+    # -- branches -------------------------------------------------------------------------
+    def _start(
+        self,
+        entry: StateEntry,
+        branches: list[_Branch],
+        snap: Snapshot,
+        bulkhead: float,
+        now: float,
+    ) -> None:
+        running = sum(1 for b in branches if b.status == "running")
+        for b in branches:
+            if running >= bulkhead:
+                return
+            if b.status == "retry" and now >= b.retry_at:
+                b.status = "waiting"
+            if b.status != "waiting":
+                continue
+            inline = b.ref.config.inline or not self._remote
+            if self.quota is not None and not inline and not self.quota.try_acquire(self._wake):
+                return
+            self._submit(entry, b, snap, inline)
+            running += 1
+
+    def _submit(self, entry: StateEntry, b: _Branch, snap: Snapshot, inline: bool) -> None:
+        b.attempt += 1
+        b.status = "running"
+        b.token = f"t{self.run_id}{next(_tokens)}"
+        timeout = b.ref.config.timeout
+        b.started = time.monotonic()
+        b.deadline = b.started + timeout if timeout is not None else None
+        executor = _INLINE if inline else self.executor
+        b.executor = executor
+        call = Call(
+            run_unit_call,
+            (b.ref.blob, snap.blob),
+            (b.attempt, b.deadline, self.run_id, b.token, not inline and self._remote),
+        )
+        if self.observers:
+            self.observers.emit("on_task_start", self.info, entry.state, b.ref.name, b.attempt)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s run %s: %s attempt %d of %s starts",
+                self.plan.name,
+                self.run_id,
+                b.ref.name,
+                b.attempt,
+                _describe(entry.state),
+                extra={
+                    "run_id": self.run_id,
+                    "workflow": self.plan.name,
+                    "state": entry.state,
+                    "task": b.ref.name,
+                    "attempt": b.attempt,
+                },
+            )
+        try:
+            fut = executor.submit(call)
+        except BaseException as exc:
+            b.status = "waiting"
+            b.attempt -= 1
+            if self.quota is not None and not inline:
+                self.quota.release()
+            if isinstance(exc, Exception) and not isinstance(exc, CanoError):
+                raise ConfigError(
+                    f"task {b.ref.name!r} of state {_describe(entry.state)} cannot be sent to "
+                    f"a worker process: {type(exc).__name__}: {exc}. Make it picklable, or "
+                    "register it with inline=True to run it in the driver"
+                ) from exc
+            raise
+        b.future = fut
+        if self.quota is not None and not inline:
+            quota = self.quota
+            fut.add_done_callback(lambda _f: quota.release())
+        wake = self._wake
+        fut.add_done_callback(lambda _f: wake.set())
+
+    def _collect(self, entry: StateEntry, branches: list[_Branch]) -> None:
+        for b in branches:
+            if b.status != "running" or b.future is None or not b.future.done():
+                continue
+            fut = b.future
+            try:
+                out = fut.result()
+            except WorkerDied as died:
+                self._attempt_failed(entry, b, self._crash(entry, b, died), None)
+                continue
+            except Exception as exc:
+                self._attempt_failed(entry, b, exc, None)
+                continue
+            if out is CANCELLED:  # pragma: no cover - cancelled branches are not collected
+                continue
+            if out[0] == "ok":
+                if (
+                    isinstance(b.executor, InlineExecutor)
+                    and b.deadline is not None
+                    and (time.monotonic() > b.deadline)
+                ):
+                    self._discard(b)
+                    self._attempt_failed(entry, b, self._timeout_error(entry, b), None)
+                    continue
+                b.next_state = b.ref.spec.decode_state(out[1])
+                b.log = out[2]
+                b.status = "ok"
+                self._task_end(entry, b, None)
+            else:
+                self._attempt_failed(entry, b, _load_error(out[1]), out[2])
+
+    def _expire(self, entry: StateEntry, branches: list[_Branch], now: float) -> None:
+        for b in branches:
+            if b.status == "running" and b.deadline is not None and now >= b.deadline:
+                assert b.future is not None
+                if b.future.done():
+                    continue  # collected on the next pass
+                b.executor.cancel(b.future, self.cancel_grace)
+                self._discard(b)
+                self._attempt_failed(entry, b, self._timeout_error(entry, b), None)
+
+    def _stop(self, branches: list[_Branch], grace: float) -> None:
+        for b in branches:
+            if b.status == "running":
+                assert b.future is not None
+                b.executor.cancel(b.future, grace)
+                self._discard(b)
+                b.status = "cancelled"
+            elif b.status in ("waiting", "retry"):
+                b.status = "cancelled"
+
+    def _discard(self, b: _Branch) -> None:
+        token, store = b.token, self.store
+        if b.future is not None:
+            b.future.add_done_callback(lambda _f: store._discard(token))
+
+    def _task_end(self, entry: StateEntry, b: _Branch, error: BaseException | None) -> None:
+        if self.observers:
+            self.observers.emit(
+                "on_task_end",
+                self.info,
+                entry.state,
+                b.ref.name,
+                b.attempt,
+                error=error,
+                duration=time.monotonic() - b.started,
+            )
+
+    def _timeout_error(self, entry: StateEntry, b: _Branch) -> TaskTimeout:
+        return TaskTimeout(
+            f"task {b.ref.name!r} of state {_describe(entry.state)} timed out: attempt "
+            f"{b.attempt} ran past its {b.ref.config.timeout}s timeout and was stopped",
+            state=entry.state,
+            task_name=b.ref.name,
+            attempts=b.attempt,
+        )
+
+    def _crash(self, entry: StateEntry, b: _Branch, died: WorkerDied) -> WorkerCrashed:
+        code = died.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return WorkerCrashed(
+            f"the worker process (pid {died.pid}) running task {b.ref.name!r} of state "
+            f"{_describe(entry.state)} died ({how})",
+            exitcode=code,
+            state=entry.state,
+            task_name=b.ref.name,
+            attempts=b.attempt,
+        )
+
+    def _attempt_failed(
+        self, entry: StateEntry, b: _Branch, error: BaseException, remote_tb: str | None
+    ) -> None:
+        if remote_tb is not None and not isinstance(error, TaskError):
+            try:
+                error.add_note(f"\nRemote traceback (from the worker):\n{remote_tb}")
+            except Exception:
+                pass
+        self._task_end(entry, b, error)
+        if isinstance(error, TransitionError):
+            raise error
+        delay = b.ref.config.retry.delay_for_attempt(b.attempt - 1)
+        if delay is not None:
+            if self.observers:
+                self.observers.emit(
+                    "on_retry", self.info, entry.state, b.ref.name, b.attempt, delay, error
+                )
+            log.warning(
+                "%s run %s: task %r of state %s failed (attempt %d: %s: %s); retrying in %.3fs",
+                self.plan.name,
+                self.run_id,
+                b.ref.name,
+                _describe(entry.state),
+                b.attempt,
+                type(error).__name__,
+                error,
+                delay,
+                extra={
+                    "run_id": self.run_id,
+                    "workflow": self.plan.name,
+                    "state": entry.state,
+                    "task": b.ref.name,
+                    "attempt": b.attempt,
+                },
+            )
+            b.status = "retry"
+            b.retry_at = time.monotonic() + delay
+            b.future = None
+            return
+        b.status = "failed"
+        b.future = None
+        if isinstance(error, TaskError):
+            error.attempts = b.attempt
+            b.error = error
+            return
+        final = TaskError(
+            f"task {b.ref.name!r} of state {_describe(entry.state)} failed after "
+            f"{b.attempt} attempt(s): {type(error).__name__}: {error}",
+            state=entry.state,
+            task_name=b.ref.name,
+            attempts=b.attempt,
+            remote_traceback=remote_tb,
+        )
+        final.__cause__ = error
+        b.error = final
+
+
+def _load_error(payload: Any) -> BaseException:
+    if isinstance(payload, BaseException):
+        return payload
+    if isinstance(payload, bytes):
+        try:
+            exc = cloudpickle.loads(payload)
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception as load_exc:
+            return RemoteError("unloadable exception", str(load_exc))
+    if isinstance(payload, tuple) and len(payload) == 3:
+        return RemoteError(str(payload[1]), str(payload[2]))
+    return RemoteError("unknown", repr(payload))
+
+
+def make_unit_ref(
+    unit: Any,
+    name: str,
+    config: TaskConfig,
+    declared: tuple[Any, ...] | None,
+    state: Any,
+    table: tuple[Any, ...],
+    key: str,
+) -> UnitRef:
+    spec = UnitSpec(unit, state, name, table)
+
+    def serialise() -> bytes:
+        return bytes(cloudpickle.dumps(spec))
+
+    return UnitRef(unit, name, config, declared, spec, Blob(key, spec, "unit", serialise))
+
+
+def is_hashable(value: object) -> bool:
+    if not isinstance(value, Hashable):
+        return False
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True

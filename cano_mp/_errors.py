@@ -1,0 +1,172 @@
+"""The ``CanoError`` tree: every error cano_mp raises on purpose.
+
+::
+
+    CanoError
+    ├── ConfigError          invalid configuration, raised when building or validating
+    ├── TransitionError      no task for a state, or a task returned an invalid next state
+    ├── TaskError            a task failed for good (``__cause__`` is the original exception)
+    │   ├── TaskTimeout      an attempt overran ``TaskConfig.timeout``
+    │   └── WorkerCrashed    the worker process running the task died
+    ├── JoinError            a split's join strategy could not be satisfied
+    ├── WorkflowTimeout      ``Workflow(timeout=...)`` expired
+    └── StoreError
+        └── StoreKeyError    also a ``KeyError``
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._join import SplitResult
+
+__all__ = [
+    "CanoError",
+    "ConfigError",
+    "JoinError",
+    "StoreError",
+    "StoreKeyError",
+    "TaskError",
+    "TaskTimeout",
+    "TransitionError",
+    "WorkerCrashed",
+    "WorkflowTimeout",
+]
+
+
+class CanoError(Exception):
+    """Base class of every error raised by cano_mp."""
+
+
+class ConfigError(CanoError):
+    """Invalid configuration: raised when building, registering or validating."""
+
+
+class TransitionError(CanoError):
+    """No task for a state, or a task returned a state that is not valid.
+
+    A programming error: never retried, never wrapped in ``TaskError``.
+    """
+
+    def __init__(self, message: str, *, state: object = None) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class TaskError(CanoError):
+    """A task failed for good, after its retries.
+
+    Attributes:
+        state: the state whose task failed.
+        task_name: the task's name.
+        attempts: how many attempts were made.
+        remote_traceback: the formatted traceback from the process that ran the task
+            (``None`` when the failure did not come from task code, e.g. a crash).
+
+    ``__cause__`` is the original exception (its type is kept across processes).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        state: object = None,
+        task_name: str = "",
+        attempts: int = 0,
+        remote_traceback: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.state = state
+        self.task_name = task_name
+        self.attempts = attempts
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_task_error,
+            (
+                type(self),
+                self.args,
+                self.state,
+                self.task_name,
+                self.attempts,
+                self.remote_traceback,
+                self.__dict__,
+            ),
+        )
+
+
+def _rebuild_task_error(
+    cls: type[TaskError],
+    args: tuple[object, ...],
+    state: object,
+    task_name: str,
+    attempts: int,
+    remote_traceback: str | None,
+    extra: dict[str, object],
+) -> TaskError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(extra)
+    err.state = state
+    err.task_name = task_name
+    err.attempts = attempts
+    err.remote_traceback = remote_traceback
+    return err
+
+
+class TaskTimeout(TaskError):
+    """An attempt overran its ``TaskConfig.timeout`` and was stopped."""
+
+
+class WorkerCrashed(TaskError):
+    """The worker process running the task died (segfault, ``os._exit``, SIGKILL, OOM kill).
+
+    ``exitcode`` is the process exit status, a negative signal number when it was killed
+    by a signal (as in ``multiprocessing``), or ``None`` when it is unknown.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        state: object = None,
+        task_name: str = "",
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message, state=state, task_name=task_name, attempts=attempts)
+        self.exitcode = exitcode
+
+
+class JoinError(CanoError):
+    """A split's join strategy failed: ``.result`` holds the ``SplitResult``.
+
+    ``timed_out`` is True when the join's timeout expired before the strategy was met.
+    """
+
+    def __init__(self, message: str, *, result: SplitResult[Any], timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.result = result
+        self.timed_out = timed_out
+
+
+class WorkflowTimeout(CanoError):
+    """The workflow's wall-clock ``timeout`` expired; ``.state`` is where it was."""
+
+    def __init__(self, message: str, *, state: object = None) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class StoreError(CanoError):
+    """A store operation failed (a value that cannot be pickled, a closed store...)."""
+
+
+class StoreKeyError(StoreError, KeyError):
+    """A key is not in the store."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ repr()s its argument; keep the message readable.
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,95 @@
+"""Observers: hooks the engine calls, in the driver process, as a run progresses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._join import SplitResult
+
+__all__ = ["Observer", "RunInfo"]
+
+log = logging.getLogger("cano_mp.observe")
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Identifies one run of a workflow: ``run_id`` (unique) and the workflow's name."""
+
+    run_id: str
+    workflow: str
+
+
+class Observer:
+    """Subclass and override the hooks you need; every hook is a no-op by default.
+
+    Hooks run in the driver process, on the thread running the workflow. An observer that
+    raises is logged and never breaks the run.
+    """
+
+    def on_workflow_start(self, run: RunInfo) -> None:
+        """A run starts."""
+
+    def on_state_enter(self, run: RunInfo, state: Any) -> None:
+        """The run enters ``state`` (the exit state included)."""
+
+    def on_task_start(self, run: RunInfo, state: Any, task_name: str, attempt: int) -> None:
+        """An attempt (1-based) of a task starts."""
+
+    def on_task_end(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        *,
+        error: BaseException | None,
+        duration: float,
+    ) -> None:
+        """An attempt ended; ``error`` is the attempt's own exception, or None."""
+
+    def on_retry(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        delay: float,
+        error: BaseException,
+    ) -> None:
+        """Attempt ``attempt`` failed with ``error``; the next starts after ``delay`` s."""
+
+    def on_split_end(self, run: RunInfo, state: Any, result: SplitResult[Any]) -> None:
+        """A split's join resolved (successfully or not)."""
+
+    def on_workflow_end(
+        self,
+        run: RunInfo,
+        *,
+        final_state: Any,
+        error: BaseException | None,
+        duration: float,
+    ) -> None:
+        """A run ended: ``final_state`` on success, ``error`` on failure."""
+
+
+class Observers:
+    """Calls each observer's hook, logging (never raising) what an observer raises."""
+
+    __slots__ = ("_observers",)
+
+    def __init__(self, observers: Iterable[Observer]) -> None:
+        self._observers = tuple(observers)
+
+    def __bool__(self) -> bool:
+        return bool(self._observers)
+
+    def emit(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        for obs in self._observers:
+            try:
+                getattr(obs, hook)(*args, **kwargs)
+            except Exception:
+                log.exception("observer %r raised in %s; ignored", obs, hook)

@@ -1,0 +1,152 @@
+"""Retry policies and per-task configuration: pure values, checked when constructed."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from ._errors import ConfigError
+
+__all__ = ["RetryPolicy", "TaskConfig", "to_seconds"]
+
+
+def to_seconds(value: float | timedelta, what: str) -> float:
+    """Return ``value`` as float seconds (a ``timedelta`` is accepted); reject non-numbers."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{what} must be a number of seconds or a timedelta, got {value!r}")
+    seconds = float(value)
+    if math.isnan(seconds):
+        raise ConfigError(f"{what} must not be NaN")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often, and after which delays, a failed attempt is retried.
+
+    Build one with :meth:`none`, :meth:`fixed` or :meth:`exponential`::
+
+        RetryPolicy.exponential(3, base_delay=0.2)   # 4 attempts: waits ~0.2, 0.4, 0.8 s
+
+    The exponential delay before retry ``k`` (0-based) is
+    ``min(base_delay * multiplier**k, max_delay) * (1 ± jitter*U[-1, 1])``.
+    """
+
+    retries: int
+    base_delay: float = 0.0
+    multiplier: float = 1.0
+    max_delay: float = 0.0
+    jitter: float = 0.0
+    _rng: random.Random = field(
+        default_factory=random.Random, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"retries must be an int >= 0, got {self.retries!r}")
+        for name in ("base_delay", "max_delay"):
+            value = getattr(self, name)
+            seconds = to_seconds(value, name)
+            if seconds < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+            object.__setattr__(self, name, seconds)
+        multiplier = to_seconds(self.multiplier, "multiplier")
+        if multiplier < 1.0:
+            raise ConfigError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        object.__setattr__(self, "multiplier", multiplier)
+        jitter = to_seconds(self.jitter, "jitter")
+        if not 0.0 <= jitter <= 1.0:
+            raise ConfigError(f"jitter must be within [0, 1], got {self.jitter!r}")
+        object.__setattr__(self, "jitter", jitter)
+
+    @classmethod
+    def none(cls) -> RetryPolicy:
+        """No retries: one attempt."""
+        return cls(0)
+
+    @classmethod
+    def fixed(cls, retries: int, delay: float | timedelta) -> RetryPolicy:
+        """``retries`` retries, each after the same ``delay`` seconds."""
+        seconds = to_seconds(delay, "delay")
+        if seconds < 0:
+            raise ConfigError(f"delay must be >= 0, got {delay!r}")
+        return cls(retries, base_delay=seconds, multiplier=1.0, max_delay=seconds)
+
+    @classmethod
+    def exponential(
+        cls,
+        max_retries: int = 3,
+        *,
+        base_delay: float | timedelta = 0.1,
+        multiplier: float = 2.0,
+        max_delay: float | timedelta = 30.0,
+        jitter: float = 0.1,
+    ) -> RetryPolicy:
+        """Up to ``max_retries`` retries with exponentially growing, jittered delays."""
+        return cls(
+            max_retries,
+            base_delay=to_seconds(base_delay, "base_delay"),
+            multiplier=multiplier,
+            max_delay=to_seconds(max_delay, "max_delay"),
+            jitter=jitter,
+        )
+
+    @property
+    def max_attempts(self) -> int:
+        """Total attempts: retries + 1."""
+        return self.retries + 1
+
+    def delay_for_attempt(self, attempt: int) -> float | None:
+        """Delay before retrying after failed attempt ``attempt`` (0-based).
+
+        ``None`` once the retries are spent.
+        """
+        if attempt < 0:
+            raise ValueError(f"attempt must be >= 0, got {attempt}")
+        if attempt >= self.retries:
+            return None
+        try:
+            raw = self.base_delay * self.multiplier**attempt
+        except OverflowError:
+            raw = math.inf
+        delay = min(raw, self.max_delay)
+        if self.jitter:
+            delay *= 1.0 + self.jitter * self._rng.uniform(-1.0, 1.0)
+        return max(0.0, delay)
+
+
+_DEFAULT_RETRY = RetryPolicy.exponential(3)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    """Retry policy, per-attempt timeout and placement of a task.
+
+    ``timeout`` bounds each attempt: an attempt that overruns is stopped (cooperative flag,
+    then its worker is terminated) and counts as a failed attempt (``TaskTimeout``).
+    ``inline=True`` runs the task in the driver process instead of the pool.
+    """
+
+    retry: RetryPolicy = _DEFAULT_RETRY
+    timeout: float | None = None
+    inline: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy, got {self.retry!r}")
+        if self.timeout is not None:
+            seconds = to_seconds(self.timeout, "timeout")
+            if seconds <= 0 or math.isinf(seconds):
+                raise ConfigError(f"timeout must be > 0 and finite, got {self.timeout!r}")
+            object.__setattr__(self, "timeout", seconds)
+        if not isinstance(self.inline, bool):
+            raise ConfigError(f"inline must be a bool, got {self.inline!r}")
+
+    @classmethod
+    def minimal(cls) -> TaskConfig:
+        """No retries, no timeout."""
+        return cls(retry=RetryPolicy.none())

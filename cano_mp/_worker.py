@@ -1,0 +1,158 @@
+"""The loop that runs in each pool worker process.
+
+Messages on the worker's duplex pipe (one worker per pipe; FIFO both ways)::
+
+    driver -> worker   ("call", seq, fn, new_blobs, blob_keys, args)
+                           new_blobs: [(key, category, bytes)] not yet cached here
+                       ("stop",)
+    worker -> driver   ("ok", seq, result) | ("exc", seq, text) | ("init_error", text)
+
+Blob caches are bounded LRUs whose eviction the driver mirrors exactly (same sizes, same
+order of use), so the driver always knows what a worker holds without asking.
+
+Cancellation is a flag, not a message: a shared file of one int64 per pool slot; the driver
+writes the ``seq`` of the call to cancel there, and ``cancelled()`` compares it with the seq
+of the running call. SIGINT is ignored (Ctrl-C reaches the whole process group; the driver
+decides what stops), and the worker exits when its driver dies (PR_SET_PDEATHSIG, plus a
+parent watchdog where that is unavailable).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["CACHE_SIZES", "LRU", "worker_main"]
+
+# Per category: how many blobs a worker keeps. Units (tasks) are small and reused across
+# runs; snapshots are per store version and rarely reused after the next commit.
+CACHE_SIZES = {"unit": 1024, "snapshot": 16}
+
+
+class LRU:
+    """An LRU of keys (and values, on the worker side); the driver mirrors it without values."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def touch(self, key: str) -> Any:
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def add(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+class _BadBlob:
+    """Stands in for a blob that could not be unpickled here; using it raises."""
+
+    def __init__(self, key: str, error: str) -> None:
+        self.key, self.error = key, error
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="cano_mp-parent-watch").start()
+
+
+def worker_main(
+    conn: Connection,
+    slot: int,
+    flags_path: str,
+    parent: int,
+    initializer: Any,
+    initargs: tuple[Any, ...],
+) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+    fd = os.open(flags_path, os.O_RDONLY)
+    flags = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    os.close(fd)
+    offset = 8 * slot
+    unpack = struct.Struct("q").unpack_from
+    current = [0]
+
+    def cancelled() -> bool:
+        return bool(unpack(flags, offset)[0] == current[0])
+
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException:
+            conn.send(("init_error", traceback.format_exc()))
+            return
+
+    caches = {cat: LRU(size) for cat, size in CACHE_SIZES.items()}
+    recv, send = conn.recv, conn.send
+    while True:
+        try:
+            msg = recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] != "call":
+            return
+        _, seq, fn, new_blobs, keys, args = msg
+        for key, category, data in new_blobs:
+            try:
+                obj = cloudpickle.loads(data)
+            except BaseException as exc:
+                obj = _BadBlob(key, f"{type(exc).__name__}: {exc}")
+            caches[category].add(key, obj)
+        objs = [caches[cat].touch(key) for key, cat in keys]
+        current[0] = seq
+        try:
+            bad = next((o for o in objs if isinstance(o, _BadBlob)), None)
+            if bad is not None:
+                reply: tuple[Any, ...] = (
+                    "exc",
+                    seq,
+                    f"could not load {bad.key} in the worker: {bad.error}",
+                )
+            else:
+                reply = ("ok", seq, fn(cancelled, *objs, *args))
+        except BaseException:
+            reply = ("exc", seq, traceback.format_exc())
+        current[0] = 0
+        try:
+            send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            send(("exc", seq, f"the call's result could not be sent back: {exc}"))
+        except (BrokenPipeError, OSError):
+            return
+    sys.exit(0)

@@ -1,0 +1,418 @@
+"""Workflow: the builder users register states on, and the entry point of a run."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import re
+import threading
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Generic, Literal, Self, TypeVar
+
+from ._engine import CANCEL_GRACE, Plan, Quota, Run, StateEntry, is_hashable, make_unit_ref
+from ._errors import ConfigError
+from ._executor import Executor, InlineExecutor
+from ._join import JoinConfig
+from ._observe import Observer, Observers
+from ._process import ProcessExecutor
+from ._retry import TaskConfig, to_seconds
+from ._store import SharedStore
+from ._task import (
+    Node,
+    Task,
+    TaskLike,
+    as_unit,
+    declared_next_states,
+    unit_config,
+    unit_name,
+)
+
+__all__ = ["Workflow"]
+
+S = TypeVar("S", bound=Hashable)
+_uids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class _Registration:
+    state: Any
+    units: list[Task[Any] | Node[Any, Any, Any]]
+    configs: list[TaskConfig]
+    join: JoinConfig[Any] | None
+    problems: list[str]
+
+
+def _label(state: object) -> str:
+    if isinstance(state, enum.Enum):
+        return state.name
+    return str(state)
+
+
+class Workflow(Generic[S]):
+    """A finite state machine whose states' work runs in a pool of worker processes.
+
+    ::
+
+        class Step(Enum):
+            LOAD = auto(); CLEAN = auto(); DONE = auto()
+
+        flow = (
+            Workflow(start=Step.LOAD)
+            .register(Step.LOAD, load)          # a Task, a Node, @task or fn(store)
+            .register(Step.CLEAN, clean)
+            .add_exit_state(Step.DONE)
+        )
+        final = flow.orchestrate()              # Step.DONE
+
+    Args:
+        store: the default store (a fresh :class:`SharedStore` when omitted), reused across
+            runs; ``orchestrate(store=...)`` runs on another one.
+        start: the initial state when ``orchestrate()`` gets none.
+        executor: ``"process"`` (default: the shared loky pool), ``"inline"`` (in the
+            driver: debugging) or an :class:`Executor`.
+        timeout: wall-clock budget of one run (``WorkflowTimeout`` when it expires).
+        max_parallel: most pool slots this workflow holds at once, across its runs.
+        name: used in logs, errors and diagrams.
+        observers: :class:`Observer` objects notified as runs progress.
+        cancel_grace: seconds a timed-out or cancelled call gets to return by itself
+            before its worker is killed.
+    """
+
+    def __init__(
+        self,
+        store: SharedStore | None = None,
+        *,
+        start: S | None = None,
+        executor: Executor | Literal["process", "inline"] | None = None,
+        timeout: float | timedelta | None = None,
+        max_parallel: int | None = None,
+        name: str | None = None,
+        observers: Iterable[Observer] = (),
+        cancel_grace: float = CANCEL_GRACE,
+    ) -> None:
+        if store is not None and not isinstance(store, SharedStore):
+            raise ConfigError(f"store must be a SharedStore, got {store!r}")
+        if (
+            executor is not None
+            and executor not in ("process", "inline")
+            and not isinstance(executor, Executor)
+        ):
+            raise ConfigError(
+                f"executor must be 'process', 'inline' or an Executor, got {executor!r}"
+            )
+        seconds = None if timeout is None else to_seconds(timeout, "timeout")
+        if seconds is not None and seconds <= 0:
+            raise ConfigError(f"timeout must be > 0, got {timeout!r}")
+        if max_parallel is not None and (
+            isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
+        ):
+            raise ConfigError(f"max_parallel must be an int, got {max_parallel!r}")
+        observers = tuple(observers)
+        for obs in observers:
+            if not isinstance(obs, Observer):
+                raise ConfigError(f"observers must be Observer instances, got {obs!r}")
+        self._store = store
+        self._start = start
+        self._executor_arg: Executor | str = executor if executor is not None else "process"
+        self._executor: Executor | None = executor if isinstance(executor, Executor) else None
+        self.timeout = seconds
+        self.max_parallel = max_parallel
+        self.name = name or "workflow"
+        self._observers = Observers(observers)
+        self.cancel_grace = float(cancel_grace)
+        self._uid = next(_uids)
+        self._regs: dict[Any, _Registration] = {}
+        self._order: list[Any] = []
+        self._duplicates: list[Any] = []
+        self._exits: list[Any] = []
+        self._version = 0
+        self._plan: Plan | None = None
+        self._plan_version = -1
+        self._validated = -1
+        self._lock = threading.Lock()
+        self._quota = Quota(max_parallel) if max_parallel and max_parallel >= 1 else None
+
+    # -- building ------------------------------------------------------------------------
+    def _check_state(self, state: object, what: str) -> None:
+        if not is_hashable(state):
+            raise ConfigError(f"{what}: states must be hashable, got {state!r}")
+
+    def _add(self, reg: _Registration) -> Self:
+        if reg.state in self._regs:
+            self._duplicates.append(reg.state)
+        else:
+            self._regs[reg.state] = reg
+            self._order.append(reg.state)
+        self._version += 1
+        return self
+
+    def register(self, state: S, task: TaskLike, *, config: TaskConfig | None = None) -> Self:
+        """Run ``task`` (a Task, a Node, a ``@task`` function or ``fn(store)``) in ``state``.
+
+        ``config`` overrides the task's own ``config``.
+        """
+        self._check_state(state, "register()")
+        unit = as_unit(task, what=f"register({_label(state)})")
+        if config is not None and not isinstance(config, TaskConfig):
+            raise ConfigError(f"config must be a TaskConfig, got {config!r}")
+        problems: list[str] = []
+        try:
+            cfg = config if config is not None else unit_config(unit)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            cfg = TaskConfig()
+        return self._add(_Registration(state, [unit], [cfg], None, problems))
+
+    def register_split(self, state: S, tasks: Iterable[TaskLike], join: JoinConfig[S]) -> Self:
+        """Run ``tasks`` in parallel in ``state``; continue as ``join`` decides."""
+        self._check_state(state, "register_split()")
+        if not isinstance(join, JoinConfig):
+            raise ConfigError(f"join must be a JoinConfig, got {join!r}")
+        units = [as_unit(t, what=f"register_split({_label(state)})") for t in tasks]
+        problems: list[str] = []
+        configs = []
+        for u in units:
+            try:
+                configs.append(unit_config(u))
+            except ConfigError as exc:
+                problems.append(str(exc))
+                configs.append(TaskConfig())
+        self._check_state(join.join_state, "JoinConfig join_state")
+        return self._add(_Registration(state, units, configs, join, problems))
+
+    def add_exit_state(self, state: S) -> Self:
+        """Mark ``state`` as final: a run that reaches it ends there."""
+        self._check_state(state, "add_exit_state()")
+        if state not in self._exits:
+            self._exits.append(state)
+            self._version += 1
+        return self
+
+    def add_exit_states(self, states: Iterable[S]) -> Self:
+        """Mark several states as final."""
+        for s in states:
+            self.add_exit_state(s)
+        return self
+
+    @property
+    def store(self) -> SharedStore:
+        """The default store, created on first use and reused across runs."""
+        if self._store is None or self._store.closed:
+            self._store = SharedStore()
+        return self._store
+
+    @property
+    def states(self) -> list[S]:
+        """Registered states, in registration order."""
+        return list(self._order)
+
+    @property
+    def exit_states(self) -> list[S]:
+        """Exit states."""
+        return list(self._exits)
+
+    @property
+    def executor(self) -> Executor:
+        """The executor runs use (the shared process pool by default)."""
+        if self._executor is None:
+            self._executor = (
+                InlineExecutor() if self._executor_arg == "inline" else ProcessExecutor()
+            )
+        return self._executor
+
+    # -- checking ------------------------------------------------------------------------
+    def _problems(self) -> list[str]:
+        problems: list[str] = []
+        exits = set(self._exits)
+        for s in dict.fromkeys(self._duplicates):
+            problems.append(f"state {_label(s)} is registered more than once")
+        for s in self._exits:
+            if s in self._regs:
+                problems.append(f"exit state {_label(s)} also has a task")
+        if not self._exits:
+            problems.append("no exit state: add one with add_exit_state()")
+        if self._start is not None and self._start not in self._regs:
+            problems.append(f"start state {_label(self._start)} has no task")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            problems.append(f"max_parallel must be >= 1, got {self.max_parallel}")
+        known = set(self._regs) | exits
+        for state, reg in self._regs.items():
+            problems.extend(reg.problems)
+            if reg.join is None:
+                declared = declared_next_states(reg.units[0])
+                for nxt in declared or ():
+                    if not is_hashable(nxt) or nxt not in known:
+                        problems.append(
+                            f"task {unit_name(reg.units[0])!r} of state {_label(state)} declares "
+                            f"next state {_label(nxt)}, which is neither registered nor an exit "
+                            "state"
+                        )
+                continue
+            join, n = reg.join, len(reg.units)
+            if n == 0:
+                problems.append(f"split state {_label(state)} has no tasks")
+            if join.join_state not in known:
+                problems.append(
+                    f"join state {_label(join.join_state)} of split {_label(state)} is neither "
+                    "registered nor an exit state"
+                )
+            strat = join.strategy
+            if strat.n is not None and n and not 1 <= strat.n <= n:
+                problems.append(
+                    f"split {_label(state)}: {strat.kind}({strat.n}) needs 1 <= n <= {n} "
+                    "(the number of tasks)"
+                )
+            if strat.p is not None and not 0 < strat.p <= 1:
+                problems.append(f"split {_label(state)}: percentage must be within (0, 1]")
+            if strat.kind == "partial_timeout" and join.timeout is None:
+                problems.append(
+                    f"split {_label(state)}: partial_timeout() needs JoinConfig(timeout=...)"
+                )
+            if join.max_parallel is not None and join.max_parallel < 1:
+                problems.append(
+                    f"split {_label(state)}: max_parallel must be >= 1, got {join.max_parallel}"
+                )
+        return problems
+
+    def validate(self) -> None:
+        """Check the whole workflow; raise :class:`ConfigError` listing every problem."""
+        problems = self._problems()
+        if problems:
+            raise ConfigError(
+                f"workflow {self.name!r} is invalid:\n" + "\n".join(f"- {p}" for p in problems)
+            )
+        self._validated = self._version
+
+    def _get_plan(self) -> Plan:
+        with self._lock:
+            if self._validated != self._version:
+                self.validate()
+            if self._plan is None or self._plan_version != self._version:
+                table = tuple(dict.fromkeys([*self._order, *self._exits]))
+                entries: dict[Any, StateEntry] = {}
+                for si, (state, reg) in enumerate(self._regs.items()):
+                    refs = []
+                    for bi, (unit, cfg) in enumerate(zip(reg.units, reg.configs, strict=True)):
+                        refs.append(
+                            make_unit_ref(
+                                unit,
+                                unit_name(unit),
+                                cfg,
+                                declared_next_states(unit) if reg.join is None else None,
+                                state,
+                                table,
+                                f"u{self._uid}.{self._version}.{si}.{bi}",
+                            )
+                        )
+                    entries[state] = StateEntry(state, refs, reg.join)
+                self._plan = Plan(self.name, entries, frozenset(self._exits), table)
+                self._plan_version = self._version
+            return self._plan
+
+    # -- running -------------------------------------------------------------------------
+    def _new_run(self, store: SharedStore | None) -> Run:
+        if store is not None and not isinstance(store, SharedStore):
+            raise ConfigError(f"store must be a SharedStore, got {store!r}")
+        plan = self._get_plan()
+        return Run(
+            plan,
+            store if store is not None else self.store,
+            self.executor,
+            observers=self._observers,
+            timeout=self.timeout,
+            quota=self._quota,
+            cancel_grace=self.cancel_grace,
+        )
+
+    def _initial(self, initial_state: S | None) -> S:
+        state = initial_state if initial_state is not None else self._start
+        if state is None:
+            raise ConfigError(
+                f"workflow {self.name!r} has no initial state: pass orchestrate(initial_state) "
+                "or build it with Workflow(start=...)"
+            )
+        return state
+
+    def orchestrate(self, initial_state: S | None = None, *, store: SharedStore | None = None) -> S:
+        """Run the workflow from ``initial_state`` (or ``start``) to an exit state; block.
+
+        Returns the exit state reached. Raises ``TaskError`` (a task failed for good),
+        ``TransitionError``, ``JoinError``, ``WorkflowTimeout`` or ``ConfigError``. On
+        failure the store is as the last successful state committed it. Ctrl-C stops the
+        run's work promptly and re-raises ``KeyboardInterrupt``; the pool stays usable.
+        """
+        run = self._new_run(store)
+        result: S = run.run(self._initial(initial_state))
+        return result
+
+    async def orchestrate_async(
+        self, initial_state: S | None = None, *, store: SharedStore | None = None
+    ) -> S:
+        """``orchestrate()`` for asyncio: the run's driver runs in a thread.
+
+        Cancelling the awaiting task cancels the run's work.
+        """
+        run = self._new_run(store)
+        initial = self._initial(initial_state)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, run.run, initial)
+        try:
+            result: S = await asyncio.shield(fut)
+            return result
+        except asyncio.CancelledError:
+            run.cancel()
+            await asyncio.wait([fut])
+            raise
+
+    # -- showing -------------------------------------------------------------------------
+    def to_mermaid(self) -> str:
+        """A Mermaid ``stateDiagram-v2`` of the states, declared transitions and exits."""
+        ids: dict[Any, str] = {}
+        used: set[str] = set()
+
+        def ident(state: Any) -> str:
+            if state not in ids:
+                base = re.sub(r"\W", "_", _label(state)) or "state"
+                if base[0].isdigit():
+                    base = "s_" + base
+                name, n = base, 2
+                while name in used:
+                    name, n = f"{base}_{n}", n + 1
+                used.add(name)
+                ids[state] = name
+            return ids[state]
+
+        lines = ["stateDiagram-v2"]
+        for state in [*self._order, *self._exits]:
+            sid = ident(state)
+            if sid != _label(state):
+                lines.append(f'    state "{_label(state)}" as {sid}')
+        if self._start is not None:
+            lines.append(f"    [*] --> {ident(self._start)}")
+        for state in self._order:
+            reg = self._regs[state]
+            if reg.join is None:
+                for nxt in declared_next_states(reg.units[0]) or ():
+                    if is_hashable(nxt):
+                        lines.append(f"    {ident(state)} --> {ident(nxt)}")
+            else:
+                names = ", ".join(unit_name(u) for u in reg.units)
+                lines.append(
+                    f"    {ident(state)} --> {ident(reg.join.join_state)}: "
+                    f"split [{names}] {reg.join.strategy!r}"
+                )
+        for state in self._exits:
+            lines.append(f"    {ident(state)} --> [*]")
+        return "\n".join(lines) + "\n"
+
+    def _repr_markdown_(self) -> str:
+        return f"```mermaid\n{self.to_mermaid()}```"
+
+    def __repr__(self) -> str:
+        return (
+            f"<Workflow {self.name!r}: {len(self._regs)} states, exits "
+            f"{[_label(s) for s in self._exits]}>"
+        )
