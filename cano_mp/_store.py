@@ -208,7 +208,13 @@ class SharedStore:
 
     def _set(self, key: str, entry: tuple[Encoded, tuple[_shm.Segment, ...]]) -> None:
         self._entries[key] = entry
+        self._bump()
+
+    def _bump(self) -> None:
+        # A new version: drop the cached snapshot so that it does not keep freed values'
+        # segments alive (live snapshots held by running tasks still do).
         self._version += 1
+        self._snapshot = None
 
     # -- the mapping API --------------------------------------------------------------------
     def put(self, key: str, value: Any) -> None:
@@ -259,7 +265,7 @@ class SharedStore:
             if key not in self._entries:
                 raise StoreKeyError(f"no key {key!r} in the store (keys: {self._key_summary()})")
             del self._entries[key]
-            self._version += 1
+            self._bump()
 
     def __delitem__(self, key: str) -> None:
         self.remove(key)
@@ -290,7 +296,7 @@ class SharedStore:
         with self._lock:
             self._check_open()
             self._entries = {}
-            self._version += 1
+            self._bump()
 
     def array(
         self, key: str, shape: int | tuple[int, ...], dtype: npt.DTypeLike = "float64"
@@ -383,7 +389,7 @@ class SharedStore:
                     self._set(op[1], (op[2], self._adopt(op[2])))
                 elif kind == "del":
                     if self._entries.pop(op[1], None) is not None:
-                        self._version += 1
+                        self._bump()
                 elif kind == "append":
                     key = op[1]
                     current = self.get(key, _MISSING)
@@ -391,7 +397,7 @@ class SharedStore:
                     self._set(key, self._encode(key, _appended(key, current, [item])))
                 elif kind == "clear":
                     self._entries = {}
-                    self._version += 1
+                    self._bump()
                 else:  # pragma: no cover - a bug, not user input
                     raise StoreError(f"unknown write-log operation {kind!r}")
 

@@ -223,6 +223,12 @@ class Workflow(Generic[S]):
             )
         return self._executor
 
+    def _use_workers(self, n: int) -> None:
+        """Run on a pool of ``n`` workers unless an executor object was given."""
+        if not isinstance(self._executor_arg, str) or self._executor_arg == "inline":
+            return
+        self._executor = ProcessExecutor(max_workers=n)
+
     # -- checking ------------------------------------------------------------------------
     def _problems(self) -> list[str]:
         problems: list[str] = []

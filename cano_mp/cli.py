@@ -1,0 +1,169 @@
+"""The ``cano-mp`` command: run a workflow, or print its diagram.
+
+::
+
+    cano-mp run   PATH.py:NAME | module:NAME [--state MEMBER] [--workers N] [--log-level LEVEL]
+    cano-mp graph PATH.py:NAME | module:NAME
+
+Exit codes: 0 success, 1 the workflow failed (the error and the worker's traceback on
+stderr), 2 bad usage or configuration (one clear line), 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import importlib
+import logging
+import os
+import runpy
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ._errors import CanoError, ConfigError, TaskError
+from ._workflow import Workflow
+
+__all__ = ["load_target", "main"]
+
+
+class UsageError(Exception):
+    """Bad usage: reported as one line, exit code 2."""
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    source, sep, name = target.rpartition(":")
+    if not sep or not source or not name:
+        raise UsageError(f"target must be PATH.py:NAME or module:NAME, got {target!r}")
+    return source, name
+
+
+def load_object(target: str) -> Any:
+    """Load ``NAME`` from ``PATH.py`` or from an importable module."""
+    source, name = _split_target(target)
+    if source.endswith(".py") or os.sep in source:
+        if not os.path.isfile(source):
+            raise UsageError(f"no such file: {source}")
+        path = os.path.abspath(source)
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        # Run as a non-importable module so that cloudpickle sends its functions and classes
+        # to the workers by value, as for a script's __main__ (nothing re-runs there).
+        namespace = runpy.run_path(path, run_name="__cano_mp_main__")
+        if name not in namespace:
+            raise UsageError(f"{source} defines no {name!r}")
+        return namespace[name]
+    try:
+        module = importlib.import_module(source)
+    except ImportError as exc:
+        raise UsageError(f"cannot import module {source!r}: {exc}") from exc
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise UsageError(f"module {source!r} has no attribute {name!r}") from None
+
+
+def load_target(target: str, kind: type[Any] = Workflow) -> Any:
+    """Load a ``kind`` object, or call a zero-argument function that returns one."""
+    obj = load_object(target)
+    if not isinstance(obj, kind) and callable(obj) and not isinstance(obj, type):
+        obj = obj()
+    if not isinstance(obj, kind):
+        raise UsageError(
+            f"{target} is a {type(obj).__name__}, not a {kind.__name__} "
+            f"(or a function returning one)"
+        )
+    return obj
+
+
+def _find_state(flow: Workflow[Any], member: str) -> Any:
+    candidates = [*flow.states, *flow.exit_states]
+    for state in candidates:
+        label = state.name if isinstance(state, enum.Enum) else str(state)
+        if member in (label, str(state)):
+            return state
+    names = ", ".join(s.name if isinstance(s, enum.Enum) else str(s) for s in candidates)
+    raise UsageError(f"no state named {member!r} (states: {names})")
+
+
+def _label(state: Any) -> str:
+    return state.name if isinstance(state, enum.Enum) else str(state)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cano-mp",
+        description="Run CPU pipelines as finite state machines on a pool of worker processes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a workflow and print its final state")
+    run.add_argument("target", help="PATH.py:NAME or module:NAME (a Workflow or a factory)")
+    run.add_argument("--state", help="initial state (an Enum member name)")
+    run.add_argument("--workers", type=int, help="worker processes (default: usable CPUs)")
+    run.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    graph = sub.add_parser("graph", help="print a workflow's Mermaid diagram")
+    graph.add_argument("target", help="PATH.py:NAME or module:NAME")
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"cano-mp: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    level = str(args.log_level).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise UsageError(f"unknown log level {args.log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    flow = load_target(args.target)
+    if args.workers is not None:
+        flow._use_workers(args.workers)
+    initial = _find_state(flow, args.state) if args.state else None
+    flow.validate()
+    started = time.monotonic()
+    try:
+        final = flow.orchestrate(initial)
+    except (TaskError, CanoError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        print(
+            f"cano-mp: workflow {flow.name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        remote = getattr(exc, "remote_traceback", None)
+        if remote:
+            print("\nRemote traceback (from the worker):", file=sys.stderr)
+            print(remote.rstrip(), file=sys.stderr)
+        elif exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        return 1
+    logging.getLogger("cano_mp.cli").info("finished in %.3fs", time.monotonic() - started)
+    print(_label(final))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cano-mp`` and ``python -m cano_mp``."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        flow = load_target(args.target)
+        sys.stdout.write(flow.to_mermaid())
+        return 0
+    except UsageError as exc:
+        _fail(str(exc))
+    except ConfigError as exc:
+        _fail(" ".join(str(exc).split("\n")))
+    except KeyboardInterrupt:
+        print("cano-mp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

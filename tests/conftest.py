@@ -1,0 +1,58 @@
+"""Shared fixtures: real pools, stores that are always closed, and leak checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from cano_mp import InlineExecutor, ProcessExecutor, SharedStore
+from cano_mp import _shm
+from cano_mp._process import shutdown_shared_pools
+
+
+@pytest.fixture(scope="session")
+def pool() -> Iterator[ProcessExecutor]:
+    """A private 2-worker pool shared by the tests of the session."""
+    with ProcessExecutor(max_workers=2, reuse=False) as ex:
+        yield ex
+
+
+@pytest.fixture(params=["process", "inline"])
+def executor(request: pytest.FixtureRequest, pool: ProcessExecutor) -> object:
+    """Each contract test runs on a real pool and on the inline executor."""
+    return pool if request.param == "process" else InlineExecutor()
+
+
+@pytest.fixture
+def store() -> Iterator[SharedStore]:
+    s = SharedStore()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def cano_files() -> list[str]:
+    """Every file under this process's shared-memory directories (store segments)."""
+    found = []
+    for d in _shm.process_dirs():
+        for root, _dirs, files in os.walk(d):
+            found.extend(os.path.join(root, f) for f in files if "-flags" not in f)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphans_at_end() -> Iterator[None]:
+    yield
+    shutdown_shared_pools()
+    me = psutil.Process()
+    children = [
+        c
+        for c in me.children(recursive=True)
+        if c.is_running() and "resource_tracker" not in " ".join(c.cmdline())
+    ]
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"worker processes left running: {alive}"
