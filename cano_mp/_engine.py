@@ -21,6 +21,7 @@ the attempt created (found by its token once the call has really stopped).
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import math
@@ -155,6 +156,8 @@ class _Branch:
 
 
 def _describe(state: Any) -> str:
+    if isinstance(state, enum.Enum):
+        return state.name
     return repr(state)
 
 
@@ -451,9 +454,11 @@ class Run:
             try:
                 out = fut.result()
             except WorkerDied as died:
+                self._discard(b)  # the dead attempt may have written segments
                 self._attempt_failed(entry, b, self._crash(entry, b, died), None)
                 continue
             except Exception as exc:
+                self._discard(b)
                 self._attempt_failed(entry, b, exc, None)
                 continue
             if out is CANCELLED:  # pragma: no cover - cancelled branches are not collected

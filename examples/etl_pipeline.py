@@ -114,7 +114,7 @@ def clean(store: SharedStore) -> Step:
     data = data[np.argsort(data[:, 1], kind="stable")]
     store["rows_in"] = int(sum(len(p) for p in parts))
     store["clean"] = np.ascontiguousarray(data)
-    for k in [k for k in store.keys() if k.startswith("part")]:
+    for k in [k for k in store if k.startswith("part")]:
         del store[k]
     return Step.TRANSFORM
 

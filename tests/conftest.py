@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from cano_mp import InlineExecutor, ProcessExecutor, SharedStore
-from cano_mp import _shm
+from cano_mp import InlineExecutor, ProcessExecutor, SharedStore, _shm
 from cano_mp._process import shutdown_shared_pools
 
 
@@ -54,5 +53,5 @@ def no_orphans_at_end() -> Iterator[None]:
         for c in me.children(recursive=True)
         if c.is_running() and "resource_tracker" not in " ".join(c.cmdline())
     ]
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"worker processes left running: {alive}"

@@ -13,8 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from cano_mp import SharedStore, StoreError, StoreKeyError
-from cano_mp import _shm
+from cano_mp import SharedStore, StoreError, StoreKeyError, _shm
 from cano_mp._store import TaskStore
 
 

@@ -354,7 +354,7 @@ def test_unpicklable_task_is_a_config_error_naming_it(pool: object) -> None:
             return S.DONE
 
     flow = Workflow(executor=pool).register(S.A, needs_lock).add_exit_state(S.DONE)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="holds_a_lock.*inline=True"):
+    with pytest.raises(ConfigError, match=r"holds_a_lock.*inline=True"):
         flow.orchestrate(S.A)
     # the same task runs fine inline
     flow2 = (

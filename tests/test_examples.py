@@ -1,0 +1,74 @@
+"""Every example is a real program: run each one, small."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_etl_demo_runs_and_writes_its_report(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "etl_pipeline.py"),
+            "--size",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "finished in DONE" in out.stdout
+    report = tmp_path / "report.csv"
+    assert report.exists()
+    lines = report.read_text().splitlines()
+    assert lines[0].startswith("sensor,rows,mean")
+    assert len(lines) == 65  # header + 64 sensors
+    for state in ("GENERATE", "PARSE", "CLEAN", "TRANSFORM", "REPORT"):
+        assert state in out.stdout
+
+
+def test_tasks_defined_in_a_scripts_main_run_in_workers(tmp_path: Path) -> None:
+    script = tmp_path / "notebook_like.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os
+            from enum import Enum
+            from cano_mp import Workflow, Task, SharedStore
+
+            class Color(Enum):          # an Enum defined in __main__
+                RED = 1
+                DONE = 2
+
+            class Point:                # a class defined in __main__, stored as a value
+                def __init__(self, x):
+                    self.x = x
+
+            class Paint(Task):
+                def run(self, store):
+                    store["where"] = os.getpid()
+                    store["point"] = Point(store["point"].x + 1)
+                    return Color.DONE
+
+            if __name__ == "__main__":
+                flow = Workflow(start=Color.RED).register(Color.RED, Paint())
+                flow.add_exit_state(Color.DONE)
+                flow.store["point"] = Point(41)
+                final = flow.orchestrate()
+                assert final is Color.DONE, final
+                assert flow.store["where"] != os.getpid()
+                print("ok", flow.store["point"].x)
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok 42"
