@@ -131,7 +131,8 @@ def test_private_pool_closes_its_workers() -> None:
     pids = ex.worker_pids()
     assert len(pids) == 2
     ex.close()
-    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], 5)
+    procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+    _gone, alive = psutil.wait_procs(procs, 5)
     assert not alive
 
 
@@ -242,7 +243,8 @@ def test_interpreter_exit_leaves_no_workers_and_no_shared_memory() -> None:
         ex = ProcessExecutor(2).warm()
         store = SharedStore()
         store["x"] = np.ones(1_000_000)
-        Workflow(executor=ex).register(S.A, quick).add_exit_state(S.DONE).orchestrate(S.A, store=store)
+        flow = Workflow(executor=ex).register(S.A, quick).add_exit_state(S.DONE)
+        flow.orchestrate(S.A, store=store)
         time.sleep(0.5)
         print(" ".join(str(p) for p in ex.worker_pids()))
         print(_shm.process_dirs()[0])
