@@ -342,11 +342,15 @@ class _Pool:
             return
         kind = msg[0]
         if kind == "init_error":
+            error = CanoError(f"the worker initializer failed:\n{msg[1]}")
             with self._lock:
                 self._broken = msg[1]
+                job, slot.job = slot.job, None
             log.error("the worker initializer failed:\n%s", msg[1])
+            if job is not None and not job.future.done():
+                job.future.set_exception(error)
             self._reap(slot)
-            self._fail_pending(CanoError(f"the worker initializer failed:\n{msg[1]}"))
+            self._fail_pending(error)
             return
         with self._lock:
             job = slot.job

@@ -259,3 +259,33 @@ def test_interpreter_exit_leaves_no_workers_and_no_shared_memory() -> None:
         time.sleep(0.05)
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not os.path.exists(shm_dir)
+
+
+_INIT_VALUE: list[str] = []
+
+
+def set_init_value(value: str) -> None:
+    _INIT_VALUE.append(value)
+
+
+def read_init_value(store: SharedStore) -> S:
+    store["init"] = list(_INIT_VALUE)
+    return S.DONE
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("no database connection")
+
+
+def test_initializer_runs_once_in_each_worker() -> None:
+    with ProcessExecutor(1, initializer=set_init_value, initargs=("ready",), reuse=False) as ex:
+        with SharedStore() as store:
+            one_state(ex, read_init_value).orchestrate(S.A, store=store)
+            one_state(ex, read_init_value).orchestrate(S.A, store=store)
+            assert store["init"] == ["ready"]
+
+
+def test_failing_initializer_is_a_clear_error() -> None:
+    with ProcessExecutor(1, initializer=failing_initializer, reuse=False) as ex:
+        with pytest.raises(Exception, match="no database connection"):
+            one_state(ex, quick_ok).orchestrate(S.A)
