@@ -22,12 +22,14 @@ the attempt created (found by its token once the call has really stopped).
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
-import math
+import pickle
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ from ._errors import (
     WorkerCrashed,
     WorkflowTimeout,
 )
-from ._executor import CANCELLED, Blob, Call, Executor, InlineExecutor, WorkerDied
+from ._executor import Blob, Call, Executor, InlineExecutor, WorkerDied
 from ._join import JoinConfig, SplitResult, decide
 from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
@@ -63,6 +65,10 @@ log = logging.getLogger("cano_mp.engine")
 # return before its worker is killed. Longer lets more tasks stop cleanly (their worker
 # survives, no respawn); shorter frees the slot sooner.
 CANCEL_GRACE = 0.25
+
+# Calls kept in flight per pool worker for one state: 2 hides the driver's dispatch
+# latency behind the running call; more only queues calls where their timeouts tick.
+IN_FLIGHT_PER_WORKER = 2
 
 _INLINE = InlineExecutor()
 _tokens = itertools.count(1)
@@ -153,6 +159,23 @@ class _Branch:
     next_state: Any = None
     log: list[Any] = field(default_factory=list)
     error: TaskError | None = None
+
+
+@dataclass(eq=False)
+class _Progress:
+    """The branches of one state, by where they are; kept incrementally so that a wide
+    split costs O(1) per completion, not O(branches)."""
+
+    branches: list[_Branch]
+    waiting: deque[_Branch] = field(default_factory=deque)
+    retrying: list[_Branch] = field(default_factory=list)
+    running: set[_Branch] = field(default_factory=set)
+    done: deque[tuple[_Branch, Future[Any]]] = field(default_factory=deque)
+    ok: int = 0
+    failed: int = 0
+
+    def __post_init__(self) -> None:
+        self.waiting.extend(self.branches)
 
 
 def _describe(state: Any) -> str:
@@ -270,21 +293,30 @@ class Run:
     def _run_state(self, entry: StateEntry) -> Any:
         snap = self.store._take_snapshot()
         if snap.blob is None:
-            snap.blob = Blob(snap.key, snap.data(), "snapshot", snap.serialised)
-        branches = [_Branch(i, ref) for i, ref in enumerate(entry.units)]
+            # The blob must not refer back to the snapshot: a cycle would keep the snapshot,
+            # and the segments it keeps alive, until the cyclic garbage collector runs.
+            data = snap.data()
+            snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
+        p = _Progress([_Branch(i, ref) for i, ref in enumerate(entry.units)])
         join = entry.join
         join_deadline = None
         if join is not None and join.timeout is not None:
             join_deadline = time.monotonic() + join.timeout
-        bulkhead = join.max_parallel if join is not None and join.max_parallel else math.inf
+        # Calls beyond what the pool can run only wait in its queue, where they cannot be
+        # cancelled cheaply and where their timeouts would already be ticking: keep two per
+        # worker in flight (enough to hide the dispatch round trip).
+        limit = float(self.executor.max_workers * IN_FLIGHT_PER_WORKER)
+        if join is not None and join.max_parallel:
+            limit = min(limit, join.max_parallel)
+        timed_out = False
         try:
             while True:
                 self._wake.clear()
-                self._collect(entry, branches)
+                self._collect(entry, p)
                 now = time.monotonic()
-                self._expire(entry, branches, now)
+                self._expire(entry, p, now)
                 timed_out = join_deadline is not None and now >= join_deadline
-                verdict = self._verdict(entry, branches, timed_out)
+                verdict = self._verdict(entry, p, timed_out)
                 if verdict != "wait":
                     break
                 if self._cancelled:
@@ -295,35 +327,26 @@ class Run:
                         f"in state {_describe(entry.state)}",
                         state=entry.state,
                     )
-                self._start(entry, branches, snap, bulkhead, now)
-                if any(
-                    b.future is not None and b.future.done()
-                    for b in branches
-                    if b.status == "running"
-                ):
+                self._start(entry, p, snap, limit, now)
+                if p.done:
                     continue
                 wake_at = [t for t in (join_deadline, self._deadline) if t is not None]
-                for b in branches:
-                    if b.status == "running" and b.deadline is not None:
-                        wake_at.append(b.deadline)
-                    elif b.status == "retry":
-                        wake_at.append(b.retry_at)
+                wake_at.extend(b.deadline for b in p.running if b.deadline is not None)
+                wake_at.extend(b.retry_at for b in p.retrying)
                 timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
                 self._wake.wait(timeout)
         except BaseException as exc:
             grace = 0.0 if isinstance(exc, KeyboardInterrupt | RunCancelled) else self.cancel_grace
-            self._stop(branches, grace)
+            self._stop(p, grace)
             raise
-        self._stop(branches, self.cancel_grace)
-        return self._finish(entry, branches, verdict, join_deadline is not None and timed_out)
+        self._stop(p, self.cancel_grace)
+        return self._finish(entry, p.branches, verdict, timed_out)
 
-    def _verdict(self, entry: StateEntry, branches: list[_Branch], timed_out: bool) -> str:
-        ok = sum(1 for b in branches if b.status == "ok")
-        failed = sum(1 for b in branches if b.status == "failed")
-        pending = len(branches) - ok - failed
+    def _verdict(self, entry: StateEntry, p: _Progress, timed_out: bool) -> str:
+        pending = len(p.branches) - p.ok - p.failed
         if entry.join is None:
-            return "proceed" if ok else "fail" if failed else "wait"
-        return decide(entry.join.strategy, ok, failed, pending, timed_out)
+            return "proceed" if p.ok else "fail" if p.failed else "wait"
+        return decide(entry.join.strategy, p.ok, p.failed, pending, timed_out)
 
     def _finish(
         self, entry: StateEntry, branches: list[_Branch], verdict: str, timed_out: bool
@@ -372,28 +395,24 @@ class Run:
 
     # -- branches -------------------------------------------------------------------------
     def _start(
-        self,
-        entry: StateEntry,
-        branches: list[_Branch],
-        snap: Snapshot,
-        bulkhead: float,
-        now: float,
+        self, entry: StateEntry, p: _Progress, snap: Snapshot, limit: float, now: float
     ) -> None:
-        running = sum(1 for b in branches if b.status == "running")
-        for b in branches:
-            if running >= bulkhead:
-                return
-            if b.status == "retry" and now >= b.retry_at:
+        if p.retrying:
+            for b in [b for b in p.retrying if now >= b.retry_at]:
+                p.retrying.remove(b)
                 b.status = "waiting"
-            if b.status != "waiting":
-                continue
+                p.waiting.appendleft(b)
+        while p.waiting and len(p.running) < limit:
+            b = p.waiting[0]
             inline = b.ref.config.inline or not self._remote
             if self.quota is not None and not inline and not self.quota.try_acquire(self._wake):
                 return
-            self._submit(entry, b, snap, inline)
-            running += 1
+            p.waiting.popleft()
+            self._submit(entry, p, b, snap, inline)
 
-    def _submit(self, entry: StateEntry, b: _Branch, snap: Snapshot, inline: bool) -> None:
+    def _submit(
+        self, entry: StateEntry, p: _Progress, b: _Branch, snap: Snapshot, inline: bool
+    ) -> None:
         b.attempt += 1
         b.status = "running"
         b.token = f"t{self.run_id}{next(_tokens)}"
@@ -425,11 +444,14 @@ class Run:
                     "attempt": b.attempt,
                 },
             )
+        p.running.add(b)
         try:
             fut = executor.submit(call)
         except BaseException as exc:
+            p.running.discard(b)
             b.status = "waiting"
             b.attempt -= 1
+            p.waiting.appendleft(b)
             if self.quota is not None and not inline:
                 self.quota.release()
             if isinstance(exc, Exception) and not isinstance(exc, CanoError):
@@ -443,25 +465,29 @@ class Run:
         if self.quota is not None and not inline:
             quota = self.quota
             fut.add_done_callback(lambda _f: quota.release())
-        wake = self._wake
-        fut.add_done_callback(lambda _f: wake.set())
+        wake, done = self._wake, p.done
 
-    def _collect(self, entry: StateEntry, branches: list[_Branch]) -> None:
-        for b in branches:
-            if b.status != "running" or b.future is None or not b.future.done():
-                continue
-            fut = b.future
+        def finished(f: Future[Any]) -> None:
+            done.append((b, f))
+            wake.set()
+
+        fut.add_done_callback(finished)
+
+    def _collect(self, entry: StateEntry, p: _Progress) -> None:
+        while p.done:
+            b, fut = p.done.popleft()
+            if b.future is not fut or b.status != "running":
+                continue  # a call that was cancelled or timed out has stopped
+            p.running.discard(b)
             try:
                 out = fut.result()
             except WorkerDied as died:
                 self._discard(b)  # the dead attempt may have written segments
-                self._attempt_failed(entry, b, self._crash(entry, b, died), None)
+                self._attempt_failed(entry, p, b, self._crash(entry, b, died), None)
                 continue
             except Exception as exc:
                 self._discard(b)
-                self._attempt_failed(entry, b, exc, None)
-                continue
-            if out is CANCELLED:  # pragma: no cover - cancelled branches are not collected
+                self._attempt_failed(entry, p, b, exc, None)
                 continue
             if out[0] == "ok":
                 if (
@@ -470,34 +496,37 @@ class Run:
                     and (time.monotonic() > b.deadline)
                 ):
                     self._discard(b)
-                    self._attempt_failed(entry, b, self._timeout_error(entry, b), None)
+                    self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
                     continue
                 b.next_state = b.ref.spec.decode_state(out[1])
                 b.log = out[2]
                 b.status = "ok"
+                p.ok += 1
                 self._task_end(entry, b, None)
             else:
-                self._attempt_failed(entry, b, _load_error(out[1]), out[2])
+                self._attempt_failed(entry, p, b, _load_error(out[1]), out[2])
 
-    def _expire(self, entry: StateEntry, branches: list[_Branch], now: float) -> None:
-        for b in branches:
-            if b.status == "running" and b.deadline is not None and now >= b.deadline:
-                assert b.future is not None
-                if b.future.done():
-                    continue  # collected on the next pass
-                b.executor.cancel(b.future, self.cancel_grace)
-                self._discard(b)
-                self._attempt_failed(entry, b, self._timeout_error(entry, b), None)
+    def _expire(self, entry: StateEntry, p: _Progress, now: float) -> None:
+        for b in [b for b in p.running if b.deadline is not None and now >= b.deadline]:
+            assert b.future is not None
+            if b.future.done():
+                continue  # collected on the next pass
+            p.running.discard(b)
+            b.executor.cancel(b.future, self.cancel_grace)
+            self._discard(b)
+            self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
 
-    def _stop(self, branches: list[_Branch], grace: float) -> None:
-        for b in branches:
-            if b.status == "running":
-                assert b.future is not None
-                b.executor.cancel(b.future, grace)
-                self._discard(b)
-                b.status = "cancelled"
-            elif b.status in ("waiting", "retry"):
-                b.status = "cancelled"
+    def _stop(self, p: _Progress, grace: float) -> None:
+        for b in p.running:
+            assert b.future is not None
+            b.executor.cancel(b.future, grace)
+            self._discard(b)
+            b.status = "cancelled"
+        for b in [*p.waiting, *p.retrying]:
+            b.status = "cancelled"
+        p.running.clear()
+        p.waiting.clear()
+        p.retrying.clear()
 
     def _discard(self, b: _Branch) -> None:
         token, store = b.token, self.store
@@ -538,7 +567,12 @@ class Run:
         )
 
     def _attempt_failed(
-        self, entry: StateEntry, b: _Branch, error: BaseException, remote_tb: str | None
+        self,
+        entry: StateEntry,
+        p: _Progress,
+        b: _Branch,
+        error: BaseException,
+        remote_tb: str | None,
     ) -> None:
         if remote_tb is not None and not isinstance(error, TaskError):
             try:
@@ -575,9 +609,11 @@ class Run:
             b.status = "retry"
             b.retry_at = time.monotonic() + delay
             b.future = None
+            p.retrying.append(b)
             return
         b.status = "failed"
         b.future = None
+        p.failed += 1
         if isinstance(error, TaskError):
             error.attempts = b.attempt
             b.error = error
@@ -592,6 +628,10 @@ class Run:
         )
         final.__cause__ = error
         b.error = final
+
+
+def _dumps(data: Any) -> bytes:
+    return pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _load_error(payload: Any) -> BaseException:

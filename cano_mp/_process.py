@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import psutil
 from loky import cpu_count
 from loky.backend.context import get_context
 
@@ -277,6 +276,10 @@ class _Pool:
                 sends = self._spawn_needed()
             for slot, job in sends:
                 self._send(slot, job)
+            # Locals of this long-lived frame must not keep the last call (and through it a
+            # store snapshot and its shared memory) alive.
+            del sends
+            slot = job = None  # type: ignore[assignment]
             with self._lock:
                 live = [s for s in self._slots if s is not None]
                 kill_times = [s.job.kill_at for s in live if s.job is not None and s.job.kill_at]
@@ -383,6 +386,8 @@ class _Pool:
                 job.future.set_exception(exc)
 
     def _kill(self, slot: _Slot) -> None:
+        import psutil
+
         try:
             proc = psutil.Process(slot.pid)
             victims = [*proc.children(recursive=True), proc]

@@ -31,8 +31,6 @@ import tempfile
 import threading
 from collections.abc import Iterator
 
-import psutil
-
 __all__ = [
     "PREFIX",
     "Segment",
@@ -61,6 +59,8 @@ _warned_fallback = False
 def _tag() -> str:
     global _owner_tag
     if _owner_tag is None:
+        import psutil  # lazily: it costs ~15 ms of `import cano_mp`
+
         pid = os.getpid()
         start = int(psutil.Process(pid).create_time() * 100)
         _owner_tag = f"{PREFIX}{pid}-{start}"
@@ -232,6 +232,8 @@ def _candidates() -> Iterator[str]:
 
 
 def _owner_alive(name: str) -> bool:
+    import psutil
+
     try:
         pid_s, start_s = name[len(PREFIX) :].split("-", 1)
         pid, start = int(pid_s), int(start_s)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import itertools
 import re
@@ -361,6 +360,8 @@ class Workflow(Generic[S]):
 
         Cancelling the awaiting task cancels the run's work.
         """
+        import asyncio  # not at module level: it costs ~10 ms of import time
+
         run = self._new_run(store)
         initial = self._initial(initial_state)
         loop = asyncio.get_running_loop()

@@ -1,0 +1,882 @@
+"""Benchmarks: cano_mp beside its peers, measured in the same run.
+
+    python scripts/bench.py                   # the core group
+    python scripts/bench.py split             # the split group
+    python scripts/bench.py chain fanout      # single cases
+    python scripts/bench.py all --repeat 9    # everything, 9 timed repetitions each
+
+Groups and cases:
+
+    core    chain     per-state cost of a 200-state workflow vs loky, multiprocessing.Pool
+            inline    transitions/s with executor="inline" vs python-statemachine, transitions
+            bigdata   a 200 MB array through the store vs pickling, joblib, hand-written shm
+            startup   `import cano_mp` and `cano-mp run` vs `python -c pass`, a first loky call
+    split   fanout    one split of 1,000 trivial branches vs loky, ProcessPoolExecutor, Pool
+            scaling   N CPU-bound branches: speedup over sequential, vs loky, ProcessPool...
+            cancel    JoinStrategy.any(): from the first success to orchestrate() returning
+
+Each number is the median of several timed repetitions, taken after untimed warm-up runs
+on pools started beforehand. The contenders of a comparison run interleaved (one
+repetition of each in turn), so that load from elsewhere on the machine hits them alike.
+The script prints, never asserts: the goals beside the ratios say what we aim for.
+Timings are noisy on small or shared machines; rerun a case before believing a surprise.
+
+Every task and peer function below is defined in this file, which runs as ``__main__``:
+they all travel to the workers by value (cloudpickle), as a script's functions do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import loky
+
+from cano_mp import (
+    FunctionTask,
+    JoinConfig,
+    JoinStrategy,
+    ProcessExecutor,
+    SharedStore,
+    TaskConfig,
+    Workflow,
+    task_context,
+)
+from cano_mp._process import shutdown_shared_pools
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 1024 * 1024
+SHM_ROOT = "/dev/shm"
+
+# multiprocessing.Pool and ProcessPoolExecutor use forkserver: this process runs threads
+# (the cano_mp and loky pool managers), and fork() with threads can deadlock a child.
+MP_CONTEXT = "forkserver"
+NO_RETRY = TaskConfig.minimal()
+
+
+# ----------------------------------------------------------------------------------------
+# Task and peer functions (module level, hence __main__ functions)
+# ----------------------------------------------------------------------------------------
+
+
+def chain_step(store: Any) -> int:
+    """One state of an integer chain: go to the next integer."""
+    state = task_context().state
+    assert isinstance(state, int)
+    return state + 1
+
+
+def trivial(i: int) -> int:
+    """The peers' trivial call."""
+    return i + 1
+
+
+def leaf(store: Any) -> str:
+    """A trivial split branch."""
+    return "done"
+
+
+def burn(n: int) -> int:
+    """Pure-Python CPU work (holds the GIL all along)."""
+    s = 0
+    for i in range(n):
+        s += i ^ (i >> 3)
+    return s
+
+
+def burn_task(store: Any) -> str:
+    burn(store["iters"])
+    return "done"
+
+
+def sum_head(x: Any) -> float:
+    """What every bigdata contender computes: a fixed slice, so the size does not matter."""
+    return float(x[:1000].sum())
+
+
+def read_task(store: Any) -> str:
+    store["sum"] = sum_head(store["x"])
+    return "done"
+
+
+def shm_sum(name: str, n: int) -> float:
+    """Hand-written shared memory: attach by name, wrap in an ndarray, sum the slice."""
+    from multiprocessing import shared_memory
+
+    import numpy as np
+
+    # Python < 3.13 registers an attached segment with the resource tracker too; loky
+    # workers share the driver's tracker, so that is a no-op and the driver's unlink()
+    # unregisters it (unregistering here as well would make the tracker fail).
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        x = np.ndarray((n,), dtype=np.float64, buffer=shm.buf)
+        s = sum_head(x)
+        del x
+    finally:
+        shm.close()
+    return s
+
+
+def winner(store: Any) -> str:
+    time.sleep(0.05)
+    store["t_done"] = time.time()
+    return "done"
+
+
+def spinner(store: Any) -> str:
+    end = time.perf_counter() + 60.0
+    while time.perf_counter() < end:
+        pass
+    return "done"
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring and printing
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Opts:
+    repeat: int | None
+    workers: int
+    quick: bool
+
+    def reps(self, default: int) -> int:
+        return self.repeat if self.repeat is not None else default
+
+
+@dataclass
+class Timed:
+    """``fn()`` timed; ``setup()`` and ``teardown()`` run around it, untimed."""
+
+    fn: Callable[[], Any]
+    setup: Callable[[], Any] | None = None
+    teardown: Callable[[], Any] | None = None
+
+    def once(self) -> float:
+        if self.setup is not None:
+            self.setup()
+        # No gc.collect() here: measured to add ~0.2 ms to the run right after it (cold
+        # caches, most likely), which swamps the sub-millisecond contenders.
+        t0 = time.perf_counter()
+        self.fn()
+        dt = time.perf_counter() - t0
+        if self.teardown is not None:
+            self.teardown()
+        return dt
+
+
+def measure(
+    contenders: dict[str, Callable[[], Any] | Timed], repeat: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each contender over ``repeat`` runs, after ``warmup`` runs.
+
+    Runs are interleaved: one of each contender in turn, ``warmup + repeat`` rounds, each
+    round starting one contender further (so that none always runs after the same one).
+    """
+    items = [(k, v if isinstance(v, Timed) else Timed(v)) for k, v in contenders.items()]
+    times: dict[str, list[float]] = {k: [] for k, _ in items}
+    for i in range(warmup + repeat):
+        shift = i % len(items)
+        for key, item in items[shift:] + items[:shift]:
+            dt = item.once()
+            if i >= warmup:
+                times[key].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fmt_time(seconds: float) -> str:
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    if seconds < 1e-3:
+        text = f"{sign}{seconds * 1e6:.1f} µs"
+    elif seconds < 1.0:
+        text = f"{sign}{seconds * 1e3:.2f} ms"
+    else:
+        text = f"{sign}{seconds:.3f} s "
+    return f"{text:>11}"
+
+
+def header(title: str, detail: str = "") -> None:
+    print(f"\n== {title}" + (f": {detail}" if detail else ""), flush=True)
+
+
+def row(label: str, value: str, note: str = "") -> None:
+    print(f"  {label:<56} {value}" + (f"   {note}" if note else ""), flush=True)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def ratio(label: str, value: float, goal: str | None = None, ok: bool = False) -> None:
+    row(label, f"{value:10.2f}x", f"(goal {goal}: {met(ok)})" if goal is not None else "")
+
+
+def loky_executor(n: int) -> Any:
+    # A long idle timeout: workers must not retire between the warm-up and the timing.
+    return loky.get_reusable_executor(max_workers=n, timeout=300)
+
+
+def cano_executor(n: int) -> ProcessExecutor:
+    return ProcessExecutor(max_workers=n).warm()
+
+
+@contextmanager
+def mp_pool(n: int) -> Iterator[Any]:
+    pool = multiprocessing.get_context(MP_CONTEXT).Pool(n)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+@contextmanager
+def process_pool(n: int) -> Iterator[ProcessPoolExecutor]:
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context(MP_CONTEXT))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def burst(submit: Callable[[int], Any], get: Callable[[Any], Any], n: int) -> Callable[[], None]:
+    """Submit ``n`` calls, then wait for them all."""
+
+    def run() -> None:
+        handles = [submit(i) for i in range(n)]
+        for h in handles:
+            get(h)
+
+    return run
+
+
+def round_trips(
+    submit: Callable[[int], Any], get: Callable[[Any], Any], n: int
+) -> Callable[[], None]:
+    """``n`` calls one after the other, each waited for before the next."""
+
+    def run() -> None:
+        for i in range(n):
+            get(submit(i))
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------
+# core: chain
+# ----------------------------------------------------------------------------------------
+
+CHAIN = 200
+
+
+def case_chain(o: Opts) -> None:
+    n = o.workers
+    header(
+        "chain",
+        f"{CHAIN}-state workflow, a trivial __main__ task per state, {n} workers, "
+        "vs sequential round trips",
+    )
+    flow: Workflow[int] = Workflow(start=0, executor=cano_executor(n), name="chain")
+    for s in range(CHAIN):
+        flow.register(s, chain_step)
+    flow.add_exit_state(CHAIN)
+    ex = loky_executor(n)
+    with SharedStore() as store, mp_pool(n) as pool:
+
+        def run_cano() -> None:
+            assert flow.orchestrate(store=store) == CHAIN
+
+        def fut_get(f: Any) -> Any:
+            return f.result()
+
+        def res_get(r: Any) -> Any:
+            return r.get()
+
+        def loky_submit(i: int) -> Any:
+            return ex.submit(trivial, i)
+
+        def pool_submit(i: int) -> Any:
+            return pool.apply_async(trivial, (i,))
+
+        burst(loky_submit, fut_get, 4 * n)()  # start the pools' workers
+        burst(pool_submit, res_get, 4 * n)()
+        t = measure(
+            {
+                "cano": run_cano,
+                "loky": round_trips(loky_submit, fut_get, CHAIN),
+                "mp": round_trips(pool_submit, res_get, CHAIN),
+            },
+            o.reps(7),
+            warmup=3,
+        )
+    cano, lk, mp = t["cano"] / CHAIN, t["loky"] / CHAIN, t["mp"] / CHAIN
+    row("cano_mp orchestrate(), per transition", fmt_time(cano))
+    row("loky submit(f).result(), per call", fmt_time(lk))
+    row(f"multiprocessing.Pool ({MP_CONTEXT}) apply_async().get()", fmt_time(mp))
+    ratio("cano / loky", cano / lk, "≤ 1.20x", cano / lk <= 1.2)
+    ratio("cano / multiprocessing.Pool", cano / mp)
+
+
+# ----------------------------------------------------------------------------------------
+# core: inline
+# ----------------------------------------------------------------------------------------
+
+INLINE_STATES = 1000
+INLINE_RUNS = 10
+TRANSITIONS = INLINE_STATES * INLINE_RUNS
+
+
+def case_inline(o: Opts) -> None:
+    from statemachine import State, StateMachine
+    from transitions import Machine
+
+    header(
+        "inline",
+        f"{TRANSITIONS:,} transitions in the driver (executor='inline') vs pure FSM libraries",
+    )
+    chain: Workflow[int] = Workflow(start=0, executor="inline", name="inline-chain")
+    for s in range(INLINE_STATES):
+        chain.register(s, chain_step)
+    chain.add_exit_state(INLINE_STATES)
+
+    counter = [0]
+
+    def tick(store: Any) -> str:
+        counter[0] += 1
+        if counter[0] >= TRANSITIONS:
+            return "done"
+        return "b" if counter[0] % 2 else "a"
+
+    cycle: Workflow[str] = Workflow(start="a", executor="inline", name="inline-cycle")
+    cycle.register("a", tick).register("b", tick).add_exit_state("done")
+
+    class Cycle(StateMachine):
+        a = State(initial=True)
+        b = State()
+        go = a.to(b) | b.to(a)
+
+    def run_psm() -> None:
+        sm = Cycle()
+        send = sm.send
+        for _ in range(TRANSITIONS):
+            send("go")
+
+    def run_tr() -> None:
+        m = Machine(
+            states=["a", "b"],
+            transitions=[["go", "a", "b"], ["go", "b", "a"]],
+            initial="a",
+            auto_transitions=False,
+        )
+        go = m.go
+        for _ in range(TRANSITIONS):
+            go()
+
+    with SharedStore() as store:
+
+        def run_chain() -> None:
+            for _ in range(INLINE_RUNS):
+                chain.orchestrate(store=store)
+
+        def run_cycle() -> None:
+            counter[0] = 0
+            assert cycle.orchestrate(store=store) == "done"
+
+        t = measure(
+            {"chain": run_chain, "cycle": run_cycle, "psm": run_psm, "tr": run_tr},
+            o.reps(5),
+            warmup=1,
+        )
+    rate = {k: TRANSITIONS / v for k, v in t.items()}
+    row(
+        f"cano_mp {INLINE_STATES}-state chain x {INLINE_RUNS} runs",
+        f"{rate['chain']:11,.0f} transitions/s",
+    )
+    row("cano_mp 2-state cycle a<->b (closure counter)", f"{rate['cycle']:11,.0f} transitions/s")
+    row("python-statemachine 2-state cycle, send('go')", f"{rate['psm']:11,.0f} transitions/s")
+    row("transitions Machine 2-state cycle, go()", f"{rate['tr']:11,.0f} transitions/s")
+    for key in ("chain", "cycle"):
+        r1, r2 = rate[key] / rate["psm"], rate[key] / rate["tr"]
+        ratio(f"cano {key} / python-statemachine (speed)", r1, "> 1x", r1 > 1)
+        ratio(f"cano {key} / transitions (speed)", r2, "> 1x", r2 > 1)
+
+
+# ----------------------------------------------------------------------------------------
+# core: bigdata
+# ----------------------------------------------------------------------------------------
+
+
+def _segment_put(arr: Any) -> Any:
+    """A SharedMemory segment created and filled by hand."""
+    from multiprocessing import shared_memory
+
+    import numpy as np
+
+    shm = shared_memory.SharedMemory(create=True, size=arr.nbytes)
+    view = np.ndarray(arr.shape, dtype=arr.dtype, buffer=shm.buf)
+    view[:] = arr
+    del view
+    return shm
+
+
+def _segment_free(shm: Any) -> None:
+    shm.close()
+    shm.unlink()
+
+
+def case_bigdata(o: Opts) -> None:
+    import numpy as np
+    from joblib import Parallel, delayed
+
+    n = o.workers
+    big_mb, small_mb = 200, 20
+    header(
+        "bigdata",
+        f"a {big_mb} MB float64 array to a worker that sums a fixed 1,000-element slice",
+    )
+    big = np.arange(big_mb * MB // 8, dtype=np.float64)
+    small = np.arange(small_mb * MB // 8, dtype=np.float64)
+    expected = sum_head(big)
+
+    # -- putting the array into shared memory ------------------------------------------
+    held: list[Any] = []
+    put = Timed(
+        lambda: held[0].put("x", big),
+        setup=lambda: held.append(SharedStore()),
+        teardown=lambda: held.pop().close(),
+    )
+    seg = Timed(
+        lambda: held.append(_segment_put(big)),
+        teardown=lambda: _segment_free(held.pop()),
+    )
+    t = measure({"put": put, "seg": seg}, o.reps(5), warmup=1)
+
+    # -- reading it in a worker -----------------------------------------------------------
+    flow: Workflow[str] = Workflow(start="read", executor=cano_executor(n), name="bigdata")
+    flow.register("read", FunctionTask(read_task, config=NO_RETRY)).add_exit_state("done")
+    ex = loky_executor(n)
+    burst(lambda i: ex.submit(trivial, i), lambda f: f.result(), 4 * n)()
+    shm = _segment_put(big)
+    try:
+        with SharedStore() as s_big, SharedStore() as s_small:
+            s_big["x"] = big
+            s_small["x"] = small
+
+            def read(store: SharedStore) -> None:
+                flow.orchestrate(store=store)
+                assert store["sum"] == expected
+
+            def hand() -> None:
+                assert ex.submit(shm_sum, shm.name, big.size).result() == expected
+
+            t.update(
+                measure(
+                    {
+                        "cano": lambda: read(s_big),
+                        "cano_small": lambda: read(s_small),
+                        "hand": hand,
+                    },
+                    o.reps(15),
+                    warmup=3,
+                )
+            )
+    finally:
+        _segment_free(shm)
+
+    def pickled() -> None:
+        assert ex.submit(sum_head, big).result() == expected
+
+    def joblib_run() -> None:
+        out = Parallel(n_jobs=n)(delayed(sum_head)(big) for _ in range(1))
+        assert out == [expected]
+
+    t.update(measure({"pickle": pickled, "joblib": joblib_run}, o.reps(3), warmup=1))
+
+    row(f"cano_mp store.put('x', {big_mb} MB array)", fmt_time(t["put"]))
+    row("SharedMemory(create=True) + fill, by hand", fmt_time(t["seg"]))
+    ratio("put / create+fill", t["put"] / t["seg"], "≤ 1.20x", t["put"] / t["seg"] <= 1.2)
+    row(f"cano_mp orchestrate(): a task reads store['x'] ({big_mb} MB)", fmt_time(t["cano"]))
+    row(
+        f"cano_mp orchestrate(): a task reads store['x'] ({small_mb} MB)", fmt_time(t["cano_small"])
+    )
+    row(
+        f"  {big_mb} MB read / {small_mb} MB read",
+        f"{t['cano'] / t['cano_small']:10.2f}x",
+        "(≈ 1x: the read does not grow with the size)",
+    )
+    row("loky submit(f, array): pickled through the pipe", fmt_time(t["pickle"]))
+    row(f"joblib Parallel(n_jobs={n}): automatic memmapping", fmt_time(t["joblib"]))
+    row("hand-written SharedMemory + loky, attach by name", fmt_time(t["hand"]))
+    r_pickle, r_joblib = t["pickle"] / t["cano"], t["joblib"] / t["cano"]
+    r_hand = t["cano"] / t["hand"]
+    ratio("loky pickling / cano (speedup)", r_pickle, "≥ 30x", r_pickle >= 30)
+    ratio("joblib / cano (speedup)", r_joblib, "≥ 10x", r_joblib >= 10)
+    ratio("cano / hand-written shm", r_hand, "≤ 1.20x", r_hand <= 1.2)
+
+
+# ----------------------------------------------------------------------------------------
+# core: startup
+# ----------------------------------------------------------------------------------------
+
+STARTUP_FLOW = """\
+from cano_mp import Workflow
+
+
+def work(store):
+    return "done"
+
+
+flow = Workflow(start="work", name="startup").register("work", work).add_exit_state("done")
+"""
+
+STARTUP_LOKY = """\
+import loky
+
+
+def work():
+    return "done"
+
+
+if __name__ == "__main__":
+    print(loky.get_reusable_executor().submit(work).result())
+"""
+
+
+def _wall(cmd: list[str], env: dict[str, str], cwd: str, expect: str | None) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if done.returncode != 0 or (expect is not None and done.stdout.strip() != expect):
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
+    return dt
+
+
+def case_startup(o: Opts) -> None:
+    header("startup", "wall time of fresh interpreters (subprocess)")
+    py = sys.executable
+    cli = Path(py).parent / "cano-mp"
+    cano_cli = [str(cli)] if cli.exists() else [py, "-m", "cano_mp"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    tmp = tempfile.mkdtemp(prefix="cano-bench-")
+    try:
+        flow_py = Path(tmp, "oneflow.py")
+        flow_py.write_text(STARTUP_FLOW)
+        loky_py = Path(tmp, "firstloky.py")
+        loky_py.write_text(STARTUP_LOKY)
+        commands = {
+            "pass": ([py, "-c", "pass"], None),
+            "import": ([py, "-c", "import cano_mp"], None),
+            "loky": ([py, str(loky_py)], "done"),
+            "cli": ([*cano_cli, "run", f"{flow_py}:flow"], "done"),
+        }
+
+        def runner(cmd: list[str], expect: str | None) -> Callable[[], float]:
+            return lambda: _wall(cmd, env, tmp, expect)
+
+        t = measure({k: runner(*v) for k, v in commands.items()}, o.reps(5), warmup=1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    imp = t["import"] - t["pass"]
+    extra = t["cli"] - t["loky"]
+    row('python -c "pass"', fmt_time(t["pass"]))
+    row('python -c "import cano_mp"', fmt_time(t["import"]))
+    row("  import cost (the difference)", fmt_time(imp), f"(goal ≤ 100 ms: {met(imp <= 0.1)})")
+    row("bare script: a first loky submit(f).result()", fmt_time(t["loky"]))
+    row("cano-mp run tmp.py:flow (one pool task)", fmt_time(t["cli"]))
+    row("  cano-mp run - bare loky", fmt_time(extra), f"(goal ≤ +50 ms: {met(extra <= 0.05)})")
+
+
+# ----------------------------------------------------------------------------------------
+# split: fanout
+# ----------------------------------------------------------------------------------------
+
+FANOUT = 1000
+
+
+def case_fanout(o: Opts) -> None:
+    n = o.workers
+    header("fanout", f"one split of {FANOUT:,} trivial branches, JoinStrategy.all(), {n} workers")
+    flow: Workflow[str] = Workflow(start="split", executor=cano_executor(n), name="fanout")
+    flow.register_split("split", [leaf] * FANOUT, JoinConfig(JoinStrategy.all(), "done"))
+    flow.add_exit_state("done")
+    ex = loky_executor(n)
+    with SharedStore() as store, process_pool(n) as ppe, mp_pool(n) as pool:
+
+        def run_cano() -> None:
+            assert flow.orchestrate(store=store) == "done"
+
+        def fut_get(f: Any) -> Any:
+            return f.result()
+
+        t = measure(
+            {
+                "cano": run_cano,
+                "loky": burst(lambda i: ex.submit(trivial, i), fut_get, FANOUT),
+                "ppe": burst(lambda i: ppe.submit(trivial, i), fut_get, FANOUT),
+                "mp": burst(lambda i: pool.apply_async(trivial, (i,)), lambda r: r.get(), FANOUT),
+            },
+            o.reps(5),
+            warmup=2,
+        )
+    cano, lk, pp, mp = (t[k] / FANOUT for k in ("cano", "loky", "ppe", "mp"))
+    row("cano_mp split, per branch", fmt_time(cano))
+    row("loky submit all, then gather, per call", fmt_time(lk))
+    row(f"ProcessPoolExecutor ({MP_CONTEXT}) submit/gather", fmt_time(pp))
+    row(f"multiprocessing.Pool ({MP_CONTEXT}) apply_async/get", fmt_time(mp))
+    ratio("cano / loky", cano / lk, "≤ 1.30x", cano / lk <= 1.3)
+    ratio("cano / ProcessPoolExecutor", cano / pp)
+    ratio("cano / multiprocessing.Pool", cano / mp, "< 1x, moonshot", cano / mp < 1)
+
+
+# ----------------------------------------------------------------------------------------
+# split: scaling
+# ----------------------------------------------------------------------------------------
+
+
+def _calibrate(seconds: float) -> int:
+    """Loop turns of ``burn`` that take about ``seconds`` here."""
+    n = 200_000
+    while True:
+        t0 = time.perf_counter()
+        burn(n)
+        dt = time.perf_counter() - t0
+        if dt >= 0.1:
+            return max(1, int(n * seconds / dt))
+        n *= 2
+
+
+def case_scaling(o: Opts) -> None:
+    n = o.workers
+    target = 0.3 if o.quick else 1.0
+    iters = _calibrate(target)
+    header(
+        "scaling",
+        f"{n} branches of ~{target:g} s of pure-Python CPU ({iters:,} loop turns), {n} workers",
+    )
+    flow: Workflow[str] = Workflow(start="split", executor=cano_executor(n), name="scaling")
+    flow.register_split(
+        "split",
+        [FunctionTask(burn_task, config=NO_RETRY) for _ in range(n)],
+        JoinConfig(JoinStrategy.all(), "done"),
+    )
+    flow.add_exit_state("done")
+    ex = loky_executor(n)
+
+    def fut_get(f: Any) -> Any:
+        return f.result()
+
+    with SharedStore() as store, SharedStore() as tiny, process_pool(n) as ppe:
+        store["iters"] = iters
+        tiny["iters"] = 1000
+        flow.orchestrate(store=tiny)  # start the workers, load the tasks
+        burst(lambda i: ex.submit(burn, 1000), fut_get, 4 * n)()
+        burst(lambda i: ppe.submit(burn, 1000), fut_get, 4 * n)()
+        t = measure(
+            {
+                "seq": lambda: [burn(iters) for _ in range(n)],
+                "cano": lambda: flow.orchestrate(store=store),
+                "loky": burst(lambda i: ex.submit(burn, iters), fut_get, n),
+                "ppe": burst(lambda i: ppe.submit(burn, iters), fut_get, n),
+            },
+            o.reps(3),
+            warmup=0,
+        )
+    speed = {k: t["seq"] / t[k] for k in ("cano", "loky", "ppe")}
+    best = max(speed["loky"], speed["ppe"])
+    row(f"sequential, in the driver ({n} x burn)", fmt_time(t["seq"]))
+    row("cano_mp split", fmt_time(t["cano"]), f"speedup {speed['cano']:.2f}x")
+    row("loky submit/gather", fmt_time(t["loky"]), f"speedup {speed['loky']:.2f}x")
+    row(f"ProcessPoolExecutor ({MP_CONTEXT})", fmt_time(t["ppe"]), f"speedup {speed['ppe']:.2f}x")
+    goal = 1.8 if n == 2 else 0.9 * n
+    ratio("cano speedup", speed["cano"], f"≥ {goal:.2f}x", speed["cano"] >= goal)
+    r_best = speed["cano"] / best
+    ratio("cano speedup / best peer's", r_best, "≥ 0.95x", r_best >= 0.95)
+
+
+# ----------------------------------------------------------------------------------------
+# split: cancel
+# ----------------------------------------------------------------------------------------
+
+
+def case_cancel(o: Opts) -> None:
+    n = max(2, o.workers)
+    header(
+        "cancel",
+        "JoinStrategy.any(): branch 0 returns after 50 ms, branch 1 spins for 60 s in "
+        "pure Python; from branch 0's return to orchestrate() returning",
+    )
+    ex = cano_executor(n)
+    flow: Workflow[str] = Workflow(start="race", executor=ex, name="cancel")
+    flow.register_split(
+        "race",
+        [FunctionTask(winner, config=NO_RETRY), FunctionTask(spinner, config=NO_RETRY)],
+        JoinConfig(JoinStrategy.any(), "done"),
+    )
+    flow.add_exit_state("done")
+    latencies, totals = [], []
+    stuck = 0
+    with SharedStore() as store:
+        for i in range(o.reps(5) + 1):
+            stuck += not _wait_for_idle_workers(ex, n)
+            t0 = time.perf_counter()
+            assert flow.orchestrate(store=store) == "done"
+            t_end = time.time()
+            total = time.perf_counter() - t0
+            if i:  # the first run loads the tasks into the workers
+                latencies.append(t_end - store["t_done"])
+                totals.append(total)
+    stuck += not _wait_for_idle_workers(ex, n)
+    lat = statistics.median(latencies)
+    row("orchestrate() total", fmt_time(statistics.median(totals)))
+    row(
+        "branch 0 returned -> orchestrate() returned",
+        fmt_time(lat),
+        f"(goal < 100 ms: {met(lat < 0.1)})",
+    )
+    row("  the slowest run", fmt_time(max(latencies)))
+    if stuck:
+        row("the spinning branch's worker was still busy 10 s later", f"{stuck:>10} times")
+
+
+def _wait_for_idle_workers(ex: ProcessExecutor, n: int, timeout: float = 10.0) -> bool:
+    """Wait until the pool has ``n`` live, idle workers (the killed spinner respawned)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ex.warm()
+        pids = ex.worker_pids()
+        if len(pids) == n and all(_idle(psutil, p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _idle(psutil: Any, pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).cpu_percent(interval=0.05) < 50)
+    except psutil.Error:
+        return False
+
+
+# ----------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------
+
+CASES: dict[str, Callable[[Opts], None]] = {
+    "chain": case_chain,
+    "inline": case_inline,
+    "bigdata": case_bigdata,
+    "startup": case_startup,
+    "fanout": case_fanout,
+    "scaling": case_scaling,
+    "cancel": case_cancel,
+}
+GROUPS = {
+    "core": ["chain", "inline", "bigdata", "startup"],
+    "split": ["fanout", "scaling", "cancel"],
+}
+GROUPS["all"] = GROUPS["core"] + GROUPS["split"]
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return set(os.listdir(SHM_ROOT))
+    except OSError:
+        return set()
+
+
+def _shutdown_pools() -> None:
+    shutdown_shared_pools()
+    from loky import reusable_executor
+
+    ex = getattr(reusable_executor._executor_storage, "executor", None)
+    if ex is not None:
+        ex.shutdown(wait=True, kill_workers=True)
+    if "joblib" in sys.modules:
+        from joblib.externals.loky import reusable_executor as jl
+
+        jex = getattr(jl, "_executor", None)
+        if jex is not None:
+            jex.shutdown(wait=True, kill_workers=True)
+
+
+def _report_leftovers(before: set[str]) -> None:
+    """At exit, after cano_mp's own atexit cleanup: what this run left in /dev/shm."""
+    own = f"cano_mp-{os.getpid()}-"
+    left = sorted(
+        e
+        for e in _shm_entries() - before
+        if e.startswith(own) or not e.startswith("cano_mp-")  # others' runs are not ours
+    )
+    print(f"shared memory left in {SHM_ROOT} by this run: {', '.join(left) or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="cano_mp beside its peers, measured in the same run (prints, never asserts)",
+        epilog="groups: "
+        + "; ".join(f"{g} = {' '.join(c)}" for g, c in GROUPS.items())
+        + ". Default: core.",
+    )
+    parser.add_argument("names", nargs="*", help="groups or cases (default: core)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed repetitions per measurement"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="pool size (default: loky.cpu_count())"
+    )
+    parser.add_argument("--quick", action="store_true", help="scaling: ~0.3 s branches")
+    args = parser.parse_args(argv)
+    names: list[str] = []
+    for name in args.names or ["core"]:
+        if name in GROUPS:
+            names.extend(GROUPS[name])
+        elif name in CASES:
+            names.append(name)
+        else:
+            parser.error(f"unknown group or case {name!r} (known: {', '.join([*GROUPS, *CASES])})")
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+    o = Opts(args.repeat, args.workers or max(1, int(loky.cpu_count())), args.quick)
+    # Registered before cano_mp creates its shared-memory directory (whose atexit hook
+    # removes it), so this runs after that hook.
+    atexit.register(_report_leftovers, _shm_entries())
+    print(
+        f"cano_mp bench: python {sys.version.split()[0]}, {os.cpu_count()} CPUs "
+        f"({loky.cpu_count()} usable), {o.workers} workers, medians of "
+        + (f"{o.repeat} runs" if o.repeat else "the default number of runs")
+    )
+    started = time.perf_counter()
+    try:
+        for name in dict.fromkeys(names):
+            CASES[name](o)
+    finally:
+        _shutdown_pools()
+    print(f"\ndone in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
