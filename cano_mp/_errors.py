@@ -93,6 +93,7 @@ class TaskError(CanoError):
                 self.attempts,
                 self.remote_traceback,
                 self.__dict__,
+                self.__cause__,
             ),
         )
 
@@ -105,6 +106,7 @@ def _rebuild_task_error(
     attempts: int,
     remote_traceback: str | None,
     extra: dict[str, object],
+    cause: BaseException | None = None,
 ) -> TaskError:
     err = cls.__new__(cls)
     Exception.__init__(err, *args)
@@ -113,6 +115,7 @@ def _rebuild_task_error(
     err.task_name = task_name
     err.attempts = attempts
     err.remote_traceback = remote_traceback
+    err.__cause__ = cause
     return err
 
 

@@ -7,6 +7,7 @@ exhaustively without a pool, and the engine only acts on what it returns.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -86,8 +87,13 @@ class JoinStrategy:
             return self.n
         if self.kind == "percentage":
             assert self.p is not None
-            # round() first: 0.3 * 10 is 3.0000000000000004 in binary floating point
-            return max(1, math.ceil(round(self.p * total, 9)))
+            # In binary floating point 0.3 * 10 is 3.0000000000000004: a product within a
+            # few ulps of an integer is that integer, anything further is rounded up.
+            x = self.p * total
+            k = round(x)
+            if abs(x - k) <= 4 * sys.float_info.epsilon * max(1.0, x):
+                return max(1, k)
+            return max(1, math.ceil(x))
         return 1
 
     def __repr__(self) -> str:

@@ -105,23 +105,18 @@ def _pid_of_tag() -> int:
     return int(_tag()[len(PREFIX) :].split("-")[0])
 
 
-def store_dir(root: str, store_uid: str) -> str:
-    """The directory of one store under ``root`` (created on demand, mode 0700)."""
-    path = os.path.join(_process_dir(root), store_uid)
-    if not os.path.isdir(path):
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
 def choose_dir(dirs: tuple[str | None, str], nbytes: int) -> str:
-    """Pick ``dirs[0]`` (tmpfs) when it has room for ``nbytes``, else ``dirs[1]`` (disk)."""
+    """Pick ``dirs[0]`` (tmpfs) when it has room for ``nbytes``, else ``dirs[1]`` (disk).
+
+    Both exist while their store is open (it creates them); a task still running after its
+    store closed must not bring them back, so they are never created here.
+    """
     global _warned_fallback
     shm, disk = dirs
     if shm is not None:
         try:
             st = os.statvfs(os.path.dirname(shm))
             if st.f_bavail * st.f_frsize >= nbytes + SHM_FREE_MARGIN:
-                os.makedirs(shm, mode=0o700, exist_ok=True)
                 return shm
         except OSError:
             pass
@@ -134,7 +129,6 @@ def choose_dir(dirs: tuple[str | None, str], nbytes: int) -> str:
                 nbytes,
                 os.path.dirname(os.path.dirname(disk)),
             )
-    os.makedirs(disk, mode=0o700, exist_ok=True)
     return disk
 
 

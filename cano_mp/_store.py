@@ -74,13 +74,27 @@ def _store_dirs(uid: str) -> tuple[str | None, str]:
     import tempfile
 
     disk = os.path.join(_shm._process_dir(tempfile.gettempdir()), uid)
+    for d in (shm, disk):
+        if d is not None:
+            os.mkdir(d, 0o700)
     return (shm, disk)
 
 
 def _remove_dirs(dirs: tuple[str | None, str]) -> None:
+    # A cancelled task may still be writing segments here. Renaming the directory first
+    # makes its later writes fail (the path is gone) instead of racing rmtree.
     for d in dirs:
-        if d is not None:
-            shutil.rmtree(d, ignore_errors=True)
+        if d is None:
+            continue
+        doomed = f"{d}.closed"
+        try:
+            os.rename(d, doomed)
+        except OSError:
+            doomed = d
+        for _ in range(5):
+            shutil.rmtree(doomed, ignore_errors=True)
+            if not os.path.exists(doomed):
+                break
 
 
 @dataclass(slots=True, eq=False)

@@ -278,14 +278,14 @@ def failing_initializer() -> None:
 
 
 def test_initializer_runs_once_in_each_worker() -> None:
-    with ProcessExecutor(1, initializer=set_init_value, initargs=("ready",), reuse=False) as ex:
-        with SharedStore() as store:
-            one_state(ex, read_init_value).orchestrate(S.A, store=store)
-            one_state(ex, read_init_value).orchestrate(S.A, store=store)
-            assert store["init"] == ["ready"]
+    ex = ProcessExecutor(1, initializer=set_init_value, initargs=("ready",), reuse=False)
+    with ex, SharedStore() as store:
+        one_state(ex, read_init_value).orchestrate(S.A, store=store)
+        one_state(ex, read_init_value).orchestrate(S.A, store=store)
+        assert store["init"] == ["ready"]
 
 
 def test_failing_initializer_is_a_clear_error() -> None:
-    with ProcessExecutor(1, initializer=failing_initializer, reuse=False) as ex:
-        with pytest.raises(Exception, match="no database connection"):
-            one_state(ex, quick_ok).orchestrate(S.A)
+    ex = ProcessExecutor(1, initializer=failing_initializer, reuse=False)
+    with ex, pytest.raises(Exception, match="no database connection"):
+        one_state(ex, quick_ok).orchestrate(S.A)

@@ -362,11 +362,6 @@ def test_strategies_compare_and_print_by_value() -> None:
     assert repr(JoinStrategy.percentage(0.5)) == "JoinStrategy.percentage(0.5)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: percentage(p).required() rounds p*total to 9 decimals before ceil(), so a p "
-    "just above k/total (0.5000000001 of 2) needs k successes instead of ceil(p*total) = k+1",
-)
 def test_percentage_just_above_a_boundary_needs_one_more() -> None:
     assert JoinStrategy.percentage(0.5000000001).required(2) == 2
     assert decide(JoinStrategy.percentage(0.5000000001), 1, 1, 0) == "fail"
