@@ -297,6 +297,8 @@ class Run:
             # and the segments it keeps alive, until the cyclic garbage collector runs.
             data = snap.data()
             snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
+        if entry.join is None and (entry.units[0].config.inline or not self._remote):
+            return self._run_inline(entry, snap)
         p = _Progress([_Branch(i, ref) for i, ref in enumerate(entry.units)])
         join = entry.join
         join_deadline = None
@@ -341,6 +343,61 @@ class Run:
             raise
         self._stop(p, self.cancel_grace)
         return self._finish(entry, p.branches, verdict, timed_out)
+
+    def _run_inline(self, entry: StateEntry, snap: Snapshot) -> Any:
+        """A plain task in the driver: no future, no pool, no wake-ups (the fast path)."""
+        b = _Branch(0, entry.units[0])
+        p = _Progress([])
+        obs = self.observers
+        while True:
+            if self._cancelled:
+                raise RunCancelled(f"run {self.run_id} was cancelled")
+            now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                raise WorkflowTimeout(
+                    f"workflow {self.plan.name!r} timed out after {self.timeout}s "
+                    f"in state {_describe(entry.state)}",
+                    state=entry.state,
+                )
+            b.attempt += 1
+            b.status = "running"
+            b.started = now
+            timeout = b.ref.config.timeout
+            b.deadline = now + timeout if timeout is not None else None
+            b.token = f"t{self.run_id}{next(_tokens)}"
+            if obs:
+                obs.emit("on_task_start", self.info, entry.state, b.ref.name, b.attempt)
+            out = run_unit_call(
+                self._is_cancelled,
+                b.ref.spec,
+                snap.data(),
+                b.attempt,
+                b.deadline,
+                self.run_id,
+                b.token,
+                False,
+            )
+            if out[0] == "ok" and b.deadline is not None and time.monotonic() > b.deadline:
+                self.store._discard(b.token)
+                self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
+            elif out[0] == "ok":
+                b.next_state = b.ref.spec.decode_state(out[1])
+                b.log = out[2]
+                b.status = "ok"
+                if obs:
+                    self._task_end(entry, b, None)
+                return self._finish(entry, [b], "proceed", False)
+            else:
+                self._attempt_failed(entry, p, b, _load_error(out[1]), out[2])
+            if b.status == "failed":
+                return self._finish(entry, [b], "fail", False)
+            until = b.retry_at if self._deadline is None else min(b.retry_at, self._deadline)
+            self._wake.clear()
+            while not self._cancelled and time.monotonic() < until:
+                self._wake.wait(until - time.monotonic())
+
+    def _is_cancelled(self) -> bool:
+        return self._cancelled
 
     def _verdict(self, entry: StateEntry, p: _Progress, timed_out: bool) -> str:
         pending = len(p.branches) - p.ok - p.failed
