@@ -22,8 +22,10 @@ Because the driver knows which call runs in which process:
 Why not one shared ``loky.ProcessPoolExecutor``: when one of its workers dies, loky fails
 *every* pending and running future and restarts all workers, and it cannot cancel one
 running call (loky#176). A pool of one-worker loky executors isolates deaths but pays
-loky's queue threads and ~0.4 ms of dispatch per call. Direct pipes measure ~20 µs per
-round trip here (see ``scripts/bench.py``), keep per-call isolation, and are short.
+loky's queue threads and ~0.3-0.5 ms of dispatch per call. A raw pipe ping-pong to a
+loky process costs ~16-30 µs; a whole workflow transition over these pipes (store snapshot,
+task, commit) measures ~116 µs against loky's 276 µs ``submit().result()``
+(``scripts/bench.py chain``), with per-call isolation kept.
 
 Spawning happens on the manager thread only: workers ask the kernel to kill them when the
 thread that started them exits (PR_SET_PDEATHSIG), so that thread must live as long as the

@@ -289,3 +289,34 @@ def test_failing_initializer_is_a_clear_error() -> None:
     ex = ProcessExecutor(1, initializer=failing_initializer, reuse=False)
     with ex, pytest.raises(Exception, match="no database connection"):
         one_state(ex, quick_ok).orchestrate(S.A)
+
+
+def test_keyboard_interrupt_during_a_split_stops_every_branch() -> None:
+    out = run_script(
+        """
+        import psutil
+        from cano_mp import JoinConfig, JoinStrategy
+        ex = ProcessExecutor(2).warm()
+        flow = Workflow(executor=ex).register_split(
+            S.A, [spin, spin, spin], JoinConfig(JoinStrategy.all(), S.DONE)
+        ).add_exit_state(S.DONE)
+        store = SharedStore()
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        try:
+            flow.orchestrate(S.A, store=store)
+        except KeyboardInterrupt:
+            print("interrupted after", round(time.monotonic() - t0, 2))
+        time.sleep(0.5)
+        busy = [p for p in ex.worker_pids() if psutil.Process(p).cpu_percent(0.3) > 50]
+        print("busy workers", len(busy))
+        ok = Workflow(executor=ex).register(S.A, quick).add_exit_state(S.DONE)
+        print("after", ok.orchestrate(S.A, store=store).name, "big" in store)
+        store.close()
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("interrupted after") and float(lines[0].split()[-1]) < 3
+    assert lines[1] == "busy workers 0"  # no branch keeps spinning
+    assert lines[2] == "after DONE False"
