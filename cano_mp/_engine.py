@@ -321,14 +321,7 @@ class Run:
                 verdict = self._verdict(entry, p, timed_out)
                 if verdict != "wait":
                     break
-                if self._cancelled:
-                    raise RunCancelled(f"run {self.run_id} was cancelled")
-                if self._deadline is not None and now >= self._deadline:
-                    raise WorkflowTimeout(
-                        f"workflow {self.plan.name!r} timed out after {self.timeout}s "
-                        f"in state {_describe(entry.state)}",
-                        state=entry.state,
-                    )
+                self._check_stop(entry, now)
                 self._start(entry, p, snap, limit, now)
                 if p.done:
                     continue
@@ -350,15 +343,8 @@ class Run:
         p = _Progress([])
         obs = self.observers
         while True:
-            if self._cancelled:
-                raise RunCancelled(f"run {self.run_id} was cancelled")
             now = time.monotonic()
-            if self._deadline is not None and now >= self._deadline:
-                raise WorkflowTimeout(
-                    f"workflow {self.plan.name!r} timed out after {self.timeout}s "
-                    f"in state {_describe(entry.state)}",
-                    state=entry.state,
-                )
+            self._check_stop(entry, now)
             b.attempt += 1
             b.status = "running"
             b.started = now
@@ -395,6 +381,17 @@ class Run:
             self._wake.clear()
             while not self._cancelled and time.monotonic() < until:
                 self._wake.wait(until - time.monotonic())
+
+    def _check_stop(self, entry: StateEntry, now: float) -> None:
+        """Raise when the run was cancelled or its wall-clock budget is spent."""
+        if self._cancelled:
+            raise RunCancelled(f"run {self.run_id} was cancelled")
+        if self._deadline is not None and now >= self._deadline:
+            raise WorkflowTimeout(
+                f"workflow {self.plan.name!r} timed out after {self.timeout}s "
+                f"in state {_describe(entry.state)}",
+                state=entry.state,
+            )
 
     def _is_cancelled(self) -> bool:
         return self._cancelled
