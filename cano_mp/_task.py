@@ -11,7 +11,7 @@ import enum
 import typing
 from collections.abc import Callable, Hashable, Iterable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 from ._errors import ConfigError
 from ._retry import RetryPolicy, TaskConfig
@@ -150,6 +150,12 @@ def _make_config(
     )
 
 
+class TaskDecorator(Protocol):
+    """What ``@task(...)`` without ``next=`` returns: generic in the state type."""
+
+    def __call__(self, fn: Callable[[SharedStore], S], /) -> FunctionTask[S]: ...
+
+
 @overload
 def task(fn: Callable[[SharedStore], S], /) -> FunctionTask[S]: ...
 
@@ -160,7 +166,18 @@ def task(
     retry: RetryPolicy | None = None,
     timeout: float | timedelta | None = None,
     inline: bool | None = None,
-    next: Iterable[S] | None = None,
+    name: str | None = None,
+    config: TaskConfig | None = None,
+) -> TaskDecorator: ...
+
+
+@overload
+def task(
+    *,
+    retry: RetryPolicy | None = None,
+    timeout: float | timedelta | None = None,
+    inline: bool | None = None,
+    next: Iterable[S],
     name: str | None = None,
     config: TaskConfig | None = None,
 ) -> Callable[[Callable[[SharedStore], S]], FunctionTask[S]]: ...
@@ -176,7 +193,7 @@ def task(
     next: Iterable[S] | None = None,
     name: str | None = None,
     config: TaskConfig | None = None,
-) -> FunctionTask[S] | Callable[[Callable[[SharedStore], S]], FunctionTask[S]]:
+) -> FunctionTask[S] | TaskDecorator | Callable[[Callable[[SharedStore], S]], FunctionTask[S]]:
     """Turn a function ``fn(store) -> state`` into a :class:`Task`.
 
     Use it bare or with arguments::
