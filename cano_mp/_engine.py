@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cloudpickle
 
@@ -53,9 +53,6 @@ from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
 from ._runner import UnitSpec, run_unit_call
 from ._store import SharedStore, Snapshot
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["CANCEL_GRACE", "Plan", "RemoteError", "Run", "RunCancelled", "UnitRef"]
 

@@ -7,7 +7,6 @@ whole unit.
 
 from __future__ import annotations
 
-import enum
 import typing
 from collections.abc import Callable, Hashable, Iterable
 from datetime import timedelta
@@ -289,7 +288,3 @@ def as_unit(obj: object, *, what: str) -> Task[Any] | Node[Any, Any, Any]:
     if callable(obj):
         return FunctionTask(obj)
     raise ConfigError(f"{what}: expected a Task, a Node or a function fn(store), got {obj!r}")
-
-
-def is_enum_member(value: object) -> bool:
-    return isinstance(value, enum.Enum)

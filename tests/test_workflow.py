@@ -388,7 +388,6 @@ def test_timeout_stops_cpu_bound_work(pool: Any, store: SharedStore) -> None:
     deadline = time.monotonic() + 5
     while set(pool.worker_pids()) & pids_before and time.monotonic() < deadline:
         time.sleep(0.05)  # the killed workers are reaped and replaced
-    assert flow.orchestrate.__self__ is flow
     assert linear(pool).orchestrate(store=store) is S.DONE  # the pool still works
 
 
