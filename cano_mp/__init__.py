@@ -7,6 +7,7 @@ picture. Everything public is importable from here.
 
 from __future__ import annotations
 
+from ._batch import BatchTask, ItemFailure
 from ._context import TaskContext, task_context
 from ._engine import RemoteError
 from ._errors import (
@@ -33,11 +34,13 @@ from ._workflow import Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchTask",
     "CanoError",
     "ConfigError",
     "Executor",
     "FunctionTask",
     "InlineExecutor",
+    "ItemFailure",
     "JoinConfig",
     "JoinError",
     "JoinStrategy",

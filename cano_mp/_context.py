@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._store import SharedStore
 
 __all__ = ["TaskContext", "task_context"]
 
@@ -23,6 +27,9 @@ class TaskContext:
         state: the state whose task (or split branch, or batch item) is running.
         attempt: 1-based attempt number.
         deadline: ``time.monotonic()`` value at which the attempt times out, or ``None``.
+        index: the item's index inside ``BatchTask.process``, else ``None``.
+        store: inside ``BatchTask.process``, a read-only view of the store as the batch
+            started (read large inputs here, zero-copy); else ``None``.
     """
 
     run_id: str
@@ -30,6 +37,8 @@ class TaskContext:
     attempt: int
     deadline: float | None
     _flag: Callable[[], bool] = field(default=_never, repr=False, compare=False)
+    index: int | None = None
+    store: SharedStore | None = field(default=None, repr=False, compare=False)
 
     def cancelled(self) -> bool:
         """True once the engine wants this attempt to stop (timeout, cancellation).
@@ -48,6 +57,42 @@ class TaskContext:
         return max(0.0, self.deadline - time.monotonic())
 
 
+class _LazyContext:
+    """The context of a batch chunk: one object per chunk, a :class:`TaskContext` built
+    only when an item asks for it (most never do, and items may take a microsecond)."""
+
+    __slots__ = ("_flag", "attempt", "deadline", "indices", "position", "run_id", "state", "store")
+
+    def __init__(
+        self,
+        run_id: str,
+        state: object,
+        attempt: int,
+        flag: Callable[[], bool],
+        store: SharedStore,
+        indices: Sequence[int],
+    ) -> None:
+        self.run_id = run_id
+        self.state = state
+        self.attempt = attempt
+        self._flag = flag
+        self.store = store
+        self.indices = indices
+        self.position = 0
+        self.deadline: float | None = None
+
+    def build(self) -> TaskContext:
+        return TaskContext(
+            self.run_id,
+            self.state,
+            self.attempt,
+            self.deadline,
+            self._flag,
+            self.indices[self.position],
+            self.store,
+        )
+
+
 _local = threading.local()
 
 
@@ -56,13 +101,17 @@ def task_context() -> TaskContext:
 
     Raises ``RuntimeError`` outside a running task.
     """
-    ctx: TaskContext | None = getattr(_local, "ctx", None)
+    ctx: TaskContext | _LazyContext | None = getattr(_local, "ctx", None)
     if ctx is None:
         raise RuntimeError("task_context() is only available inside a running task")
+    if isinstance(ctx, _LazyContext):
+        return ctx.build()
     return ctx
 
 
-def _set_context(ctx: TaskContext | None) -> TaskContext | None:
-    previous: TaskContext | None = getattr(_local, "ctx", None)
+def _set_context(
+    ctx: TaskContext | _LazyContext | None,
+) -> TaskContext | _LazyContext | None:
+    previous: TaskContext | _LazyContext | None = getattr(_local, "ctx", None)
     _local.ctx = ctx
     return previous

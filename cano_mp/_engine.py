@@ -37,6 +37,7 @@ from typing import Any
 
 import cloudpickle
 
+from ._batch_engine import run_batch_state
 from ._errors import (
     CanoError,
     ConfigError,
@@ -100,6 +101,7 @@ class StateEntry:
     state: Any
     units: list[UnitRef]
     join: JoinConfig[Any] | None  # None: a plain task
+    batch: bool = False  # a BatchTask (join is None)
 
 
 @dataclass(eq=False)
@@ -294,6 +296,8 @@ class Run:
             # and the segments it keeps alive, until the cyclic garbage collector runs.
             data = snap.data()
             snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
+        if entry.batch:
+            return run_batch_state(self, entry, snap)
         if entry.join is None and (entry.units[0].config.inline or not self._remote):
             return self._run_inline(entry, snap)
         p = _Progress([_Branch(i, ref) for i, ref in enumerate(entry.units)])

@@ -63,9 +63,13 @@ class TaskError(CanoError):
         attempts: how many attempts were made.
         remote_traceback: the formatted traceback from the process that ran the task
             (``None`` when the failure did not come from task code, e.g. a crash).
+        item_index: for a ``BatchTask``, the index of the item that failed (``None``
+            otherwise, and when ``load()`` or ``finish()`` failed).
 
     ``__cause__`` is the original exception (its type is kept across processes).
     """
+
+    item_index: int | None = None
 
     def __init__(
         self,

@@ -36,12 +36,17 @@ CANCELLED: Any = _Cancelled()
 
 
 class WorkerDied(Exception):
-    """The process running a call died; ``exitcode`` is negative for a signal."""
+    """The process running a call died; ``exitcode`` is negative for a signal.
+
+    ``position`` is the item the call last reported working on (see
+    :class:`CallControl`), or ``None``.
+    """
 
     def __init__(self, exitcode: int | None, pid: int | None) -> None:
         super().__init__(f"worker process {pid} died with exit code {exitcode}")
         self.exitcode = exitcode
         self.pid = pid
+        self.position: int | None = None
 
 
 @dataclass(eq=False, slots=True)

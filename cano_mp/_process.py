@@ -56,7 +56,16 @@ from loky.backend.context import get_context
 from . import _shm
 from ._errors import CanoError, ConfigError
 from ._executor import CANCELLED, Call, WorkerDied
-from ._worker import CACHE_SIZES, LRU, worker_main
+from ._worker import (
+    CACHE_SIZES,
+    CANCEL,
+    LRU,
+    POSITION,
+    PROGRESS_SEQ,
+    SLOT_BYTES,
+    STARTED,
+    worker_main,
+)
 
 __all__ = ["ProcessExecutor", "default_workers", "shutdown_shared_pools"]
 
@@ -64,6 +73,20 @@ log = logging.getLogger("cano_mp.executor")
 
 # How long close() waits for workers to exit after ("stop",) before killing them.
 STOP_GRACE = 1.0
+
+
+def _read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] | None:
+    # The worker writes an item's start time before its position, and a call's seq after
+    # resetting both: reading seq, then position, then start never pairs a position with
+    # an earlier item's start (see _worker.CallControl.mark).
+    base = SLOT_BYTES * index
+    if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
+        return None
+    position = struct.unpack_from("q", flags, base + POSITION)[0]
+    started = struct.unpack_from("q", flags, base + STARTED)[0]
+    if position < 0:
+        return None
+    return int(position), started / 1e9
 
 
 def default_workers() -> int:
@@ -126,8 +149,8 @@ class _Pool:
         base = _shm._process_dir(root or tempfile.gettempdir())
         self._flags_path = os.path.join(base, f"pool{id(self):x}-flags")
         fd = os.open(self._flags_path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, 8 * max_workers)
-        self._flags = mmap.mmap(fd, 8 * max_workers)
+        os.ftruncate(fd, SLOT_BYTES * max_workers)
+        self._flags = mmap.mmap(fd, SLOT_BYTES * max_workers)
         os.close(fd)
         self._thread = threading.Thread(target=self._loop, name="cano_mp-pool", daemon=True)
         self._thread.start()
@@ -169,9 +192,17 @@ class _Pool:
             if job.cancelled:
                 return
             job.cancelled = True
-            struct.pack_into("q", self._flags, 8 * job.slot.index, job.seq)
+            struct.pack_into("q", self._flags, SLOT_BYTES * job.slot.index + CANCEL, job.seq)
             job.kill_at = time.monotonic() + max(0.0, grace)
             self._wake()
+
+    def progress(self, fut: Future[Any]) -> tuple[int, float] | None:
+        """``(position, started)`` of the item a running call reports working on."""
+        job: _Job | None = getattr(fut, "_cano_job", None)
+        slot = job.slot if job is not None else None
+        if job is None or slot is None or fut.done():
+            return None
+        return _read_progress(self._flags, slot.index, job.seq)
 
     def warm(self, n: int | None = None) -> None:
         """Start workers now instead of on first use."""
@@ -240,7 +271,7 @@ class _Pool:
 
     def _spawn(self, index: int) -> _Slot:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        struct.pack_into("q", self._flags, 8 * index, 0)
+        struct.pack_into("qqqq", self._flags, SLOT_BYTES * index, 0, 0, -1, 0)
         proc = self._ctx.Process(
             target=worker_main,
             args=(
@@ -429,7 +460,10 @@ class _Pool:
                     slot.pid,
                     exitcode,
                 )
-                job.future.set_exception(WorkerDied(exitcode, slot.pid))
+                died = WorkerDied(exitcode, slot.pid)
+                where = _read_progress(self._flags, slot.index, job.seq)
+                died.position = where[0] if where is not None else None
+                job.future.set_exception(died)
 
     def _shutdown_workers(self) -> None:
         live = [s for s in self._slots if s is not None]
@@ -535,6 +569,16 @@ class ProcessExecutor:
             pool = _shared.get(self._key)
         if pool is not None:
             pool.cancel(future, grace)
+
+    def progress(self, future: Future[Any]) -> tuple[int, float] | None:
+        """Where a running call is: ``(position, started)`` of the item a batch chunk works
+        on (``started`` in ``time.monotonic()`` seconds), or ``None`` (not started, done,
+        or not a chunk). Optional for other executors."""
+        pool = self._own
+        if pool is None:
+            with _shared_lock:
+                pool = _shared.get(self._key)
+        return pool.progress(future) if pool is not None else None
 
     def warm(self) -> ProcessExecutor:
         """Start every worker now (they otherwise start on first use); returns self."""

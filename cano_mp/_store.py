@@ -622,3 +622,34 @@ class TaskStore(SharedStore):
                 continue
             keep.append(op)
         return keep
+
+
+class ReadOnlyStore(TaskStore):
+    """A snapshot that refuses writes: what ``BatchTask.process`` sees (through
+    ``task_context().store``). Items' results are returned, and written by ``finish``."""
+
+    def _refuse(self) -> StoreError:
+        return StoreError(
+            "the store is read-only in BatchTask.process(): return the item's result and "
+            "write to the store in finish()"
+        )
+
+    def put(self, key: str, value: Any) -> None:
+        raise self._refuse()
+
+    def remove(self, key: str) -> None:
+        raise self._refuse()
+
+    def append(self, key: str, item: Any) -> None:
+        raise self._refuse()
+
+    def clear(self) -> None:
+        raise self._refuse()
+
+    def array(
+        self, key: str, shape: int | tuple[int, ...], dtype: npt.DTypeLike = "float64"
+    ) -> np.ndarray[Any, Any]:
+        raise self._refuse()
+
+    def __repr__(self) -> str:
+        return f"<read-only view of {self._uid} v{self._version}>"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
+from ._batch import BatchTask
 from ._errors import ConfigError
 from ._retry import RetryPolicy, TaskConfig
 
@@ -125,8 +126,9 @@ class FunctionTask(Task[S]):
         return f"<task {self._name}>"
 
 
-TaskLike = Task[Any] | Node[Any, Any, Any] | Callable[..., Any]
-"""What ``register()`` and ``register_split()`` accept: a Task, a Node or ``fn(store)``."""
+TaskLike = Task[Any] | Node[Any, Any, Any] | BatchTask[Any, Any, Any] | Callable[..., Any]
+"""What ``register()`` accepts: a Task, a Node, a BatchTask or ``fn(store)``
+(``register_split()``: all but BatchTask)."""
 
 
 def _make_config(
@@ -252,6 +254,8 @@ def declared_next_states(unit: object) -> tuple[Any, ...] | None:
     method: Callable[..., Any] | None = None
     if isinstance(unit, Node):
         method = unit.post
+    elif isinstance(unit, BatchTask):
+        method = unit.finish
     elif isinstance(unit, Task):
         method = unit.run
     if method is not None:
@@ -277,11 +281,13 @@ def unit_config(unit: object) -> TaskConfig:
     return cfg
 
 
-def as_unit(obj: object, *, what: str) -> Task[Any] | Node[Any, Any, Any]:
-    """Accept a Task, Node or bare callable; wrap a callable with :func:`task`."""
-    if isinstance(obj, Task | Node):
+def as_unit(
+    obj: object, *, what: str
+) -> Task[Any] | Node[Any, Any, Any] | BatchTask[Any, Any, Any]:
+    """Accept a Task, Node, BatchTask or bare callable; wrap a callable with :func:`task`."""
+    if isinstance(obj, Task | Node | BatchTask):
         return obj
-    if isinstance(obj, type) and issubclass(obj, Task | Node):
+    if isinstance(obj, type) and issubclass(obj, Task | Node | BatchTask):
         raise ConfigError(
             f"{what}: got the class {obj.__name__}, pass an instance: {obj.__name__}()"
         )

@@ -10,9 +10,13 @@ Messages on the worker's duplex pipe (one worker per pipe; FIFO both ways)::
 Blob caches are bounded LRUs whose eviction the driver mirrors exactly (same sizes, same
 order of use), so the driver always knows what a worker holds without asking.
 
-Cancellation is a flag, not a message: a shared file of one int64 per pool slot; the driver
-writes the ``seq`` of the call to cancel there, and ``cancelled()`` compares it with the seq
-of the running call. SIGINT is ignored (Ctrl-C reaches the whole process group; the driver
+Cancellation is a flag, not a message: a shared file with four int64 per pool slot; the
+driver writes the ``seq`` of the call to cancel in the first, and ``cancelled()`` compares it
+with the seq of the running call. The other three are the call's *progress*, written by the
+worker: the seq of the running call, the position of the item it works on (batch chunks)
+and that item's start (``time.monotonic_ns()``, the same clock in every process). The
+driver reads them to time out one item of a chunk and to tell which item a dead worker was
+running. SIGINT is ignored (Ctrl-C reaches the whole process group; the driver
 decides what stops), and the worker exits when its driver dies (PR_SET_PDEATHSIG, plus a
 parent watchdog where that is unavailable).
 """
@@ -23,7 +27,6 @@ import mmap
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import time
@@ -34,7 +37,21 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["CACHE_SIZES", "LRU", "worker_main"]
+__all__ = [
+    "CACHE_SIZES",
+    "CANCEL",
+    "LRU",
+    "POSITION",
+    "PROGRESS_SEQ",
+    "SLOT_BYTES",
+    "STARTED",
+    "CallControl",
+    "worker_main",
+]
+
+# Layout of one pool slot in the flags file (byte offsets of int64 fields).
+SLOT_BYTES = 32
+CANCEL, PROGRESS_SEQ, POSITION, STARTED = 0, 8, 16, 24
 
 # Per category: how many blobs a worker keeps. Units (tasks) are small and reused across
 # runs; snapshots are per store version and rarely reused after the next commit.
@@ -60,6 +77,42 @@ class LRU:
         self.items.move_to_end(key)
         while len(self.items) > self.size:
             self.items.popitem(last=False)
+
+
+class CallControl:
+    """The ``cancelled`` argument of a call in a pool worker.
+
+    Calling it tells whether the driver asked the running call to stop. ``mark(position)``
+    and ``mark_timed(position)`` report the item a batch chunk works on.
+    """
+
+    __slots__ = ("_base", "_view", "seq")
+
+    def __init__(self, view: memoryview, slot: int) -> None:
+        self._view = view
+        self._base = slot * (SLOT_BYTES // 8)
+        self.seq = 0
+
+    def __call__(self) -> bool:
+        return bool(self._view[self._base] == self.seq)
+
+    def begin(self, seq: int) -> None:
+        b, v = self._base, self._view
+        self.seq = seq
+        v[b + 2] = -1
+        v[b + 3] = 0
+        v[b + 1] = seq
+
+    def end(self) -> None:
+        self.seq = 0
+
+    def mark(self, position: int) -> None:
+        self._view[self._base + 2] = position
+
+    def mark_timed(self, position: int, started_ns: int) -> None:
+        # start first: a reader that sees the new position also sees its start
+        self._view[self._base + 3] = started_ns
+        self._view[self._base + 2] = position
 
 
 class _BadBlob:
@@ -101,15 +154,10 @@ def worker_main(
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent)
-    fd = os.open(flags_path, os.O_RDONLY)
-    flags = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    fd = os.open(flags_path, os.O_RDWR)
+    flags = mmap.mmap(fd, 0)
     os.close(fd)
-    offset = 8 * slot
-    unpack = struct.Struct("q").unpack_from
-    current = [0]
-
-    def cancelled() -> bool:
-        return bool(unpack(flags, offset)[0] == current[0])
+    control = CallControl(memoryview(flags).cast("q"), slot)
 
     if initializer is not None:
         try:
@@ -135,7 +183,7 @@ def worker_main(
                 obj = _BadBlob(key, f"{type(exc).__name__}: {exc}")
             caches[category].add(key, obj)
         objs = [caches[cat].touch(key) for key, cat in keys]
-        current[0] = seq
+        control.begin(seq)
         try:
             bad = next((o for o in objs if isinstance(o, _BadBlob)), None)
             if bad is not None:
@@ -145,10 +193,10 @@ def worker_main(
                     f"could not load {bad.key} in the worker: {bad.error}",
                 )
             else:
-                reply = ("ok", seq, fn(cancelled, *objs, *args))
+                reply = ("ok", seq, fn(control, *objs, *args))
         except BaseException:
             reply = ("exc", seq, traceback.format_exc())
-        current[0] = 0
+        control.end()
         try:
             send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:

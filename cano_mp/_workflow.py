@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, Literal, Self, TypeVar
 
+from ._batch import BatchTask
 from ._engine import CANCEL_GRACE, Plan, Quota, Run, StateEntry, is_hashable, make_unit_ref
 from ._errors import ConfigError
 from ._executor import Executor, InlineExecutor
@@ -38,7 +39,7 @@ _uids = itertools.count(1)
 @dataclass(eq=False)
 class _Registration:
     state: Any
-    units: list[Task[Any] | Node[Any, Any, Any]]
+    units: list[Task[Any] | Node[Any, Any, Any] | BatchTask[Any, Any, Any]]
     configs: list[TaskConfig]
     join: JoinConfig[Any] | None
     problems: list[str]
@@ -171,6 +172,12 @@ class Workflow(Generic[S]):
         if not isinstance(join, JoinConfig):
             raise ConfigError(f"join must be a JoinConfig, got {join!r}")
         units = [as_unit(t, what=f"register_split({_label(state)})") for t in tasks]
+        for u in units:
+            if isinstance(u, BatchTask):
+                raise ConfigError(
+                    f"register_split({_label(state)}): a BatchTask cannot be a split branch; "
+                    "register it on a state of its own (it fans out by itself)"
+                )
         problems: list[str] = []
         configs = []
         for u in units:
@@ -312,7 +319,8 @@ class Workflow(Generic[S]):
                                 f"u{self._uid}.{self._version}.{si}.{bi}",
                             )
                         )
-                    entries[state] = StateEntry(state, refs, reg.join)
+                    batch = reg.join is None and isinstance(reg.units[0], BatchTask)
+                    entries[state] = StateEntry(state, refs, reg.join, batch)
                 self._plan = Plan(self.name, entries, frozenset(self._exits), table)
                 self._plan_version = self._version
             return self._plan

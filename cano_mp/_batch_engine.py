@@ -1,0 +1,551 @@
+"""The driver side of a ``BatchTask`` state.
+
+::
+
+    load(store) --items, pulled lazily--> chunks --pool--> results --> finish(store, results)
+
+Items are grouped into *chunks*, one call each, at most ``in_flight`` chunks at once (two
+per worker, or ``max_parallel``), so a generator is pulled only as fast as the pool works
+and memory stays bounded. Chunk sizes adapt to the measured time per item (as joblib's
+auto batching does) unless ``chunk_size`` is set.
+
+Failures are per item: an item that raises, overruns its timeout or kills its worker
+spends one attempt and is retried alone after its delay; the other items of its chunk are
+not charged (a chunk cut short by a timeout or a crash is sent again without that item).
+The pool reports which item a chunk works on through shared memory
+(``ProcessExecutor.progress``); that is how one item of a chunk times out, and how a dead
+worker's item is found.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterator, Sized
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from ._batch import BatchTask, ItemFailure, run_batch_chunk
+from ._errors import CanoError, ConfigError, TaskError, TaskTimeout, WorkerCrashed
+from ._executor import Call, Executor, WorkerDied
+from ._progress import progress_bar
+from ._store import Snapshot, TaskStore
+
+if TYPE_CHECKING:
+    from ._engine import Run, StateEntry
+
+__all__ = ["ChunkSizer", "run_batch_state"]
+
+log = logging.getLogger("cano_mp.batch")
+
+# Auto chunking: aim for calls of about this many seconds of work. Long enough that the
+# ~0.1 ms a call costs is noise, short enough that the last chunks balance across workers.
+TARGET_CHUNK_SECONDS = 0.02
+MAX_CHUNK_ITEMS = 100_000
+# Bound on the pickled size of one chunk: large items belong in the store (send keys).
+MAX_CHUNK_BYTES = 8 << 20
+# With a known item count, at least this many chunks per worker (load balance).
+MIN_CHUNKS_PER_WORKER = 4
+# Item failures logged at WARNING before the rest go to DEBUG.
+WARN_FAILURES = 10
+
+
+class ChunkSizer:
+    """Chooses chunk sizes: fixed, or from the measured time and size per item."""
+
+    def __init__(self, fixed: int | None, workers: int, total: int | None) -> None:
+        self.fixed = fixed
+        self.size = 1
+        self.per_item: float | None = None
+        self.bytes_per_item: float | None = None
+        self.cap = MAX_CHUNK_ITEMS
+        if total is not None:
+            self.cap = max(1, min(self.cap, math.ceil(total / (workers * MIN_CHUNKS_PER_WORKER))))
+
+    def next(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        size = min(self.size, self.cap)
+        if self.bytes_per_item:
+            size = min(size, int(MAX_CHUNK_BYTES / self.bytes_per_item))
+        return max(1, size)
+
+    def observe(self, items: int, seconds: float) -> None:
+        if items <= 0 or seconds <= 0:
+            return
+        per_item = seconds / items
+        # The mean of the last estimate and this one: quick to follow, not jumpy.
+        self.per_item = per_item if self.per_item is None else (self.per_item + per_item) / 2
+        self.size = max(1, min(MAX_CHUNK_ITEMS, int(TARGET_CHUNK_SECONDS / self.per_item)))
+
+    def observe_bytes(self, items: int, nbytes: int) -> None:
+        if items > 0:
+            b = nbytes / items
+            prev = self.bytes_per_item
+            self.bytes_per_item = b if prev is None else (prev + b) / 2
+
+
+@dataclass(eq=False, slots=True)
+class _Chunk:
+    indices: range | list[int]
+    items: list[Any]
+    attempt: int
+    future: Future[Any] | None = None
+    executor: Executor | None = None
+    submitted: float = 0.0
+    check_at: float | None = None  # when to look at its items' timeouts next
+    quota: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    run: Run
+    entry: StateEntry
+    snap: Snapshot
+    unit: BatchTask[Any, Any, Any] = field(init=False)
+    results: list[Any] = field(default_factory=list)
+    running: set[_Chunk] = field(default_factory=set)
+    done: deque[_Chunk] = field(default_factory=deque)
+    requeued: deque[_Chunk] = field(default_factory=deque)
+    retries: list[tuple[float, int, int, Any, int]] = field(default_factory=list)
+    outstanding: int = 0
+    exhausted: bool = False
+    fatal: BaseException | None = None
+    failures_logged: int = 0
+
+
+def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
+    """Run one BatchTask state; return the next state (or raise, as a task would)."""
+    ref = entry.units[0]
+    unit: BatchTask[Any, Any, Any] = ref.unit
+    name = ref.name
+    state = entry.state
+    cfg = ref.config
+    on_error = unit.on_error
+    if on_error not in ("raise", "collect"):
+        raise ConfigError(f"{name}.on_error must be 'raise' or 'collect', got {on_error!r}")
+    fixed = unit.chunk_size
+    if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1):
+        raise ConfigError(f"{name}.chunk_size must be an int >= 1 or None, got {fixed!r}")
+    cap = unit.max_parallel
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"{name}.max_parallel must be an int >= 1 or None, got {cap!r}")
+
+    from ._engine import (
+        _INLINE,
+        IN_FLIGHT_PER_WORKER,
+        RunCancelled,
+        _describe,
+        _load_error,
+        _tokens,
+    )
+
+    inline = cfg.inline or not run._remote
+    executor: Executor = _INLINE if inline else run.executor
+    remote = not inline
+    workers = 1 if inline else executor.max_workers
+    in_flight = 1 if inline else workers * IN_FLIGHT_PER_WORKER
+    if cap is not None:
+        in_flight = min(in_flight, cap)
+        workers = min(workers, cap)
+    progress_of = getattr(executor, "progress", None)
+
+    token = f"t{run.run_id}{next(_tokens)}"
+    view = TaskStore(snap.data(), token)  # load() and finish() see the same view
+    obs = run.observers
+    started = time.monotonic()
+    if obs:
+        obs.emit("on_task_start", run.info, state, name, 1)
+
+    def fail_whole(what: str, exc: BaseException) -> TaskError:
+        err = TaskError(
+            f"{what} of batch task {name!r} of state {_describe(state)} failed: "
+            f"{type(exc).__name__}: {exc}",
+            state=state,
+            task_name=name,
+            attempts=1,
+        )
+        err.__cause__ = exc
+        return err
+
+    b = _Batch(run, entry, snap)
+    source: Any = None
+    it: Iterator[Any] | None = None
+    bar = None
+    error: BaseException | None = None
+    try:
+        try:
+            source = unit.load(view)
+            it = iter(source)
+        except Exception as exc:
+            raise fail_whole("load()", exc) from exc
+        total = len(source) if isinstance(source, Sized) else None
+        sizer = ChunkSizer(fixed, workers, total)
+        bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
+        call_seq = itertools.count()
+
+        def item_error(index: int, attempt: int, kind: str, payload: Any, tb: Any) -> BaseException:
+            if kind == "timeout":
+                return TaskTimeout(
+                    f"item {index} of batch task {name!r} of state {_describe(state)} ran past "
+                    f"its {cfg.timeout}s timeout (attempt {attempt})",
+                    state=state,
+                    task_name=name,
+                    attempts=attempt,
+                )
+            exc = _load_error(payload)
+            if tb is not None and not isinstance(exc, TaskError):
+                try:
+                    exc.add_note(f"\nRemote traceback (from the worker):\n{tb}")
+                except Exception:
+                    pass
+            return exc
+
+        def item_failed(index: int, item: Any, attempt: int, exc: BaseException, tb: Any) -> None:
+            delay = cfg.retry.delay_for_attempt(attempt - 1)
+            if delay is not None:
+                if obs:
+                    obs.emit("on_retry", run.info, state, f"{name}[{index}]", attempt, delay, exc)
+                level = logging.WARNING if b.failures_logged < WARN_FAILURES else logging.DEBUG
+                b.failures_logged += 1
+                log.log(
+                    level,
+                    "%s run %s: item %d of batch task %r failed (attempt %d: %s: %s); "
+                    "retrying in %.3fs%s",
+                    run.plan.name,
+                    run.run_id,
+                    index,
+                    name,
+                    attempt,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    " (further item failures are logged at DEBUG)"
+                    if b.failures_logged == WARN_FAILURES
+                    else "",
+                    extra={
+                        "run_id": run.run_id,
+                        "workflow": run.plan.name,
+                        "state": state,
+                        "task": name,
+                        "attempt": attempt,
+                    },
+                )
+                heapq.heappush(
+                    b.retries, (time.monotonic() + delay, next(call_seq), index, item, attempt + 1)
+                )
+                return
+            b.outstanding -= 1
+            if bar is not None:
+                bar.update(1)
+            if on_error == "collect":
+                b.results[index] = ItemFailure(index, exc, attempt)
+                return
+            if b.fatal is not None:
+                return
+            if isinstance(exc, TaskError):
+                exc.attempts = attempt
+                exc.item_index = index
+                b.fatal = exc
+                return
+            err = TaskError(
+                f"batch task {name!r} of state {_describe(state)} failed at item {index} after "
+                f"{attempt} attempt(s): {type(exc).__name__}: {exc}",
+                state=state,
+                task_name=name,
+                attempts=attempt,
+                remote_traceback=tb,
+            )
+            err.item_index = index
+            err.__cause__ = exc
+            b.fatal = err
+
+        def charge(ch: _Chunk, position: int | None, make: Any) -> None:
+            """A chunk stopped at ``position`` (timeout, crash): that item spends an
+            attempt; the others go again unchanged."""
+            n = len(ch.items)
+            if position is None or not 0 <= position < n:
+                if n == 1:
+                    position = 0
+                else:  # cannot tell which item: send each alone, nobody charged
+                    for k in range(n):
+                        b.requeued.append(_Chunk([ch.indices[k]], [ch.items[k]], ch.attempt))
+                    return
+            rest = [k for k in range(n) if k != position]
+            if rest:
+                b.requeued.append(
+                    _Chunk([ch.indices[k] for k in rest], [ch.items[k] for k in rest], ch.attempt)
+                )
+            index = ch.indices[position]
+            item_failed(index, ch.items[position], ch.attempt, make(index, ch.attempt), None)
+
+        def crashed(died: WorkerDied) -> Any:
+            code = died.exitcode
+            how = (
+                f"killed by signal {-code}"
+                if code is not None and code < 0
+                else f"exit code {code}"
+            )
+
+            def make(index: int, attempt: int) -> WorkerCrashed:
+                return WorkerCrashed(
+                    f"the worker process (pid {died.pid}) processing item {index} of batch task "
+                    f"{name!r} of state {_describe(state)} died ({how})",
+                    exitcode=code,
+                    state=state,
+                    task_name=name,
+                    attempts=attempt,
+                )
+
+            return make
+
+        def timed_out(index: int, attempt: int) -> TaskTimeout:
+            return TaskTimeout(
+                f"item {index} of batch task {name!r} of state {_describe(state)} ran past its "
+                f"{cfg.timeout}s timeout (attempt {attempt}) and was stopped",
+                state=state,
+                task_name=name,
+                attempts=attempt,
+            )
+
+        def collect() -> None:
+            while b.done:
+                ch = b.done.popleft()
+                if ch not in b.running:
+                    continue  # timed out or cancelled: already dealt with
+                b.running.discard(ch)
+                fut = ch.future
+                assert fut is not None
+                try:
+                    out = fut.result()
+                except WorkerDied as died:
+                    charge(ch, died.position, crashed(died))
+                    continue
+                except CanoError:
+                    raise
+                except Exception as exc:  # the pool could not run the call at all
+                    raise fail_whole("a chunk", exc) from exc
+                packed = out[1]
+                values, failures = cloudpickle.loads(packed) if remote else packed
+                if not inline and fixed is None:
+                    sizer.observe(len(ch.items), out[4] - out[3])
+                n = len(values)
+                failed_positions = {f[0] for f in failures}
+                if isinstance(ch.indices, range) and not failed_positions and n == len(ch.items):
+                    b.results[ch.indices.start : ch.indices.stop] = values
+                else:
+                    for k in range(n):
+                        if k not in failed_positions:
+                            b.results[ch.indices[k]] = values[k]
+                finished = n - len(failed_positions)
+                b.outstanding -= finished
+                if bar is not None and finished:
+                    bar.update(finished)
+                for position, kind, payload, tb in failures:
+                    index = ch.indices[position]
+                    error = item_error(index, ch.attempt, kind, payload, tb)
+                    item_failed(index, ch.items[position], ch.attempt, error, tb)
+                if n < len(ch.items):  # stopped early (cancelled): send the rest again
+                    b.requeued.append(_Chunk(ch.indices[n:], ch.items[n:], ch.attempt))
+
+        def expire(now: float) -> None:
+            timeout = cfg.timeout
+            if timeout is None:
+                return
+            for ch in list(b.running):
+                if ch.check_at is None or now < ch.check_at:
+                    continue
+                fut = ch.future
+                assert fut is not None
+                if fut.done():
+                    continue
+                if progress_of is None:
+                    # The executor cannot say which item runs: time the chunk as a whole.
+                    if now < ch.submitted + timeout * len(ch.items):
+                        ch.check_at = ch.submitted + timeout * len(ch.items)
+                        continue
+                    position = None
+                else:
+                    where = progress_of(fut)
+                    if where is None:  # not started yet
+                        ch.check_at = now + timeout
+                        continue
+                    position, item_started = where
+                    if now < item_started + timeout:
+                        ch.check_at = item_started + timeout
+                        continue
+                b.running.discard(ch)
+                if ch.executor is not None:
+                    ch.executor.cancel(fut, run.cancel_grace)
+                charge(ch, position, timed_out)
+
+        def pull() -> _Chunk | None:
+            assert it is not None
+            first = len(b.results)
+            size = sizer.next()
+            try:
+                items = list(itertools.islice(it, size))
+            except Exception as exc:
+                raise fail_whole(f"load() (after {first} items)", exc) from exc
+            if len(items) < size:
+                b.exhausted = True
+            if not items:
+                return None
+            b.results.extend(itertools.repeat(None, len(items)))
+            b.outstanding += len(items)
+            return _Chunk(range(first, first + len(items)), items, 1)
+
+        def submit(ch: _Chunk) -> None:
+            payload: Any = ch.items
+            if remote:
+                try:
+                    payload = cloudpickle.dumps(ch.items)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"items {ch.indices[0]}..{ch.indices[-1]} of batch task {name!r} "
+                        f"cannot be sent to a worker process: {type(exc).__name__}: {exc}. "
+                        "Make the items picklable (or send keys and keep the data in the "
+                        "store), or set config=TaskConfig(inline=True)"
+                    ) from exc
+                sizer.observe_bytes(len(ch.items), len(payload))
+            first: Any = ch.indices.start if isinstance(ch.indices, range) else ch.indices
+            call = Call(
+                run_batch_chunk,
+                (ref.blob, snap.blob),
+                (payload, first, ch.attempt, cfg.timeout, run.run_id, token, remote),
+            )
+            ch.executor = executor
+            ch.submitted = time.monotonic()
+            ch.check_at = ch.submitted + cfg.timeout if cfg.timeout is not None else None
+            b.running.add(ch)
+            try:
+                fut = executor.submit(call)
+            except BaseException as exc:
+                b.running.discard(ch)
+                if ch.quota and run.quota is not None:
+                    run.quota.release()
+                if isinstance(exc, Exception) and not isinstance(exc, CanoError):
+                    raise ConfigError(
+                        f"batch task {name!r} of state {_describe(state)} cannot be sent to a "
+                        f"worker process: {type(exc).__name__}: {exc}. Make it picklable, or "
+                        "set config=TaskConfig(inline=True)"
+                    ) from exc
+                raise
+            ch.future = fut
+            if ch.quota and run.quota is not None:
+                quota = run.quota
+                fut.add_done_callback(lambda _f: quota.release())
+            wake, done = run._wake, b.done
+
+            def finished(_f: Future[Any]) -> None:
+                done.append(ch)
+                wake.set()
+
+            fut.add_done_callback(finished)
+
+        def start(now: float) -> None:
+            while len(b.running) < in_flight and b.fatal is None:
+                ch: _Chunk | None = None
+                if b.requeued:
+                    ch = b.requeued[0]
+                elif b.retries and b.retries[0][0] <= now:
+                    _, _, index, item, attempt = b.retries[0]
+                    ch = _Chunk([index], [item], attempt)
+                elif not b.exhausted:
+                    ch = None  # pulled below, once a pool slot is ours
+                else:
+                    return
+                use_quota = not inline and run.quota is not None
+                if use_quota and not run.quota.try_acquire(run._wake):  # type: ignore[union-attr]
+                    return
+                if ch is None:
+                    ch = pull()
+                    if ch is None:
+                        if use_quota:
+                            run.quota.release()  # type: ignore[union-attr]
+                        return
+                elif b.requeued and ch is b.requeued[0]:
+                    b.requeued.popleft()
+                else:
+                    heapq.heappop(b.retries)
+                ch.quota = use_quota
+                submit(ch)
+                if b.done:  # inline: finished already; collect before pulling more
+                    return
+
+        while True:
+            run._wake.clear()
+            collect()
+            now = time.monotonic()
+            expire(now)
+            if b.fatal is not None:
+                raise b.fatal
+            if b.exhausted and not b.running and not b.requeued and not b.retries:
+                break
+            run._check_stop(entry, now)
+            start(now)
+            if b.done or b.fatal is not None:
+                continue
+            if b.exhausted and not b.running and not b.requeued and not b.retries:
+                continue
+            wake_at = [c.check_at for c in b.running if c.check_at is not None]
+            if b.retries:
+                wake_at.append(b.retries[0][0])
+            if run._deadline is not None:
+                wake_at.append(run._deadline)
+            run._wake.wait(max(0.0, min(wake_at) - time.monotonic()) if wake_at else None)
+        assert b.outstanding == 0, b.outstanding
+        if bar is not None:
+            bar.close()
+            bar = None
+        try:
+            nxt = unit.finish(view, b.results)
+        except Exception as exc:
+            raise fail_whole("finish()", exc) from exc
+        b.results = []
+        run._check_known(nxt, ref)
+        if ref.declared is not None and nxt not in ref.declared:
+            from ._errors import TransitionError
+
+            raise TransitionError(
+                f"batch task {name!r} returned {_describe(nxt)}, which it does not declare "
+                f"(next states: {', '.join(_describe(s) for s in ref.declared)})",
+                state=nxt,
+            )
+        run.store._commit(view._finish(True))
+        return nxt
+    except BaseException as exc:
+        error = exc
+        grace = 0.0 if isinstance(exc, KeyboardInterrupt | RunCancelled) else run.cancel_grace
+        for ch in b.running:
+            if ch.future is not None and ch.executor is not None:
+                ch.executor.cancel(ch.future, grace)
+        b.running.clear()
+        view._finish(False)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.debug("closing the items of %r failed", name, exc_info=True)
+        if obs:
+            obs.emit(
+                "on_task_end",
+                run.info,
+                state,
+                name,
+                1,
+                error=error,
+                duration=time.monotonic() - started,
+            )
