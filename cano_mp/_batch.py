@@ -9,9 +9,11 @@ the driver side lives in ``_batch_engine``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import traceback
+from array import array
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -133,7 +135,7 @@ class BatchTask(Generic[S, I, R]):
 # -- the worker side of one chunk -------------------------------------------------------------
 
 # How many items run between two looks at the cancel flag when items have no timeout.
-_CANCEL_CHECK_EVERY = 32
+_CANCEL_CHECK_EVERY = 64
 
 
 def _error_payload(exc: BaseException, remote: bool) -> Any:
@@ -181,39 +183,49 @@ def run_batch_chunk(
     """
     pid = os.getpid()
     started = time.time()
-    items: list[Any] = cloudpickle.loads(payload) if remote else payload
+    items: Sequence[Any] = cloudpickle.loads(payload) if remote else payload
     n = len(items)
     indices: Sequence[int] = range(first, first + n) if isinstance(first, int) else first
     process = spec.unit.process
     store = ReadOnlyStore(snap, token)
-    ctx = _LazyContext(run_id, spec.state, attempt, control, store, indices)
-    results: list[Any] = [None] * n
+    positions = getattr(control, "positions", None)
+    # pos[0] is the item being processed: in the pool slot's shared progress (the driver
+    # reads it), or in a local cell (inline).
+    pos: memoryview = positions() if positions is not None else memoryview(array("q", [0]))
+    ctx = _LazyContext(run_id, spec.state, attempt, control, store, indices, pos)
+    results: list[Any] = []
     failures: list[tuple[Any, ...]] = []
-    mark: Callable[[int], None] | None = getattr(control, "mark", None)
     stopped = n
     previous = _set_context(ctx)
     try:
         if timeout is None:
-            for k in range(n):
-                ctx.position = k
-                if mark is not None:
-                    mark(k)
-                try:
-                    results[k] = process(items[k])
-                except Exception as exc:
-                    failures.append((k, "err", _error_payload(exc, remote), traceback.format_exc()))
-                if not (k + 1) % _CANCEL_CHECK_EVERY and control():
-                    stopped = k + 1
+            # The hot loop (items may take well under a microsecond): append, and look at
+            # the cancel flag once per block.
+            out = results.append
+            numbered = enumerate(items)
+            while len(results) < n:
+                for k, item in itertools.islice(numbered, _CANCEL_CHECK_EVERY):
+                    pos[0] = k
+                    try:
+                        out(process(item))
+                    except Exception as exc:
+                        out(None)
+                        tb = traceback.format_exc()
+                        failures.append((k, "err", _error_payload(exc, remote), tb))
+                if control():
                     break
+            stopped = len(results)
         else:
             mark_timed: Callable[[int, int], None] | None = getattr(control, "mark_timed", None)
             limit_ns = int(timeout * 1e9)
+            results.extend(itertools.repeat(None, n))
             for k in range(n):
                 t0 = time.monotonic_ns()
-                ctx.position = k
                 ctx.deadline = t0 / 1e9 + timeout
                 if mark_timed is not None:
                     mark_timed(k, t0)
+                else:
+                    pos[0] = k
                 try:
                     value = process(items[k])
                 except Exception as exc:

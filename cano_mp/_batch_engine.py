@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,8 +46,9 @@ __all__ = ["ChunkSizer", "run_batch_state"]
 log = logging.getLogger("cano_mp.batch")
 
 # Auto chunking: aim for calls of about this many seconds of work. Long enough that the
-# ~0.1 ms a call costs is noise, short enough that the last chunks balance across workers.
-TARGET_CHUNK_SECONDS = 0.02
+# gap between two chunks on a worker (0.1-0.5 ms on a busy machine: the driver has to be
+# scheduled to send the next) is noise; short enough that the last chunks balance.
+TARGET_CHUNK_SECONDS = 0.1
 MAX_CHUNK_ITEMS = 100_000
 # Bound on the pickled size of one chunk: large items belong in the store (send keys).
 MAX_CHUNK_BYTES = 8 << 20
@@ -64,6 +65,8 @@ class ChunkSizer:
         self.fixed = fixed
         self.size = 1
         self.per_item: float | None = None
+        self._seconds = 0.0
+        self._items = 0.0
         self.bytes_per_item: float | None = None
         self.cap = MAX_CHUNK_ITEMS
         if total is not None:
@@ -80,9 +83,11 @@ class ChunkSizer:
     def observe(self, items: int, seconds: float) -> None:
         if items <= 0 or seconds <= 0:
             return
-        per_item = seconds / items
-        # The mean of the last estimate and this one: quick to follow, not jumpy.
-        self.per_item = per_item if self.per_item is None else (self.per_item + per_item) / 2
+        # Seconds per item over recent chunks, weighted by their items (halved per chunk):
+        # a big chunk outweighs the fixed cost that dominates a chunk of one item.
+        self._seconds = self._seconds / 2 + seconds
+        self._items = self._items / 2 + items
+        self.per_item = self._seconds / self._items
         self.size = max(1, min(MAX_CHUNK_ITEMS, int(TARGET_CHUNK_SECONDS / self.per_item)))
 
     def observe_bytes(self, items: int, nbytes: int) -> None:
@@ -95,7 +100,7 @@ class ChunkSizer:
 @dataclass(eq=False, slots=True)
 class _Chunk:
     indices: range | list[int]
-    items: list[Any]
+    items: Sequence[Any]
     attempt: int
     future: Future[Any] | None = None
     executor: Executor | None = None
@@ -187,6 +192,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         except Exception as exc:
             raise fail_whole("load()", exc) from exc
         total = len(source) if isinstance(source, Sized) else None
+        sliceable = type(source) in (list, tuple, range)
         sizer = ChunkSizer(fixed, workers, total)
         bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
         call_seq = itertools.count()
@@ -323,10 +329,12 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                 b.running.discard(ch)
                 fut = ch.future
                 assert fut is not None
+                ch.future = None  # no cycle chunk <-> future (its callbacks hold the chunk)
                 try:
                     out = fut.result()
                 except WorkerDied as died:
                     charge(ch, died.position, crashed(died))
+                    ch.items = []
                     continue
                 except CanoError:
                     raise
@@ -354,6 +362,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     item_failed(index, ch.items[position], ch.attempt, error, tb)
                 if n < len(ch.items):  # stopped early (cancelled): send the rest again
                     b.requeued.append(_Chunk(ch.indices[n:], ch.items[n:], ch.attempt))
+                ch.items = []
 
         def expire(now: float) -> None:
             timeout = cfg.timeout
@@ -384,14 +393,20 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                 b.running.discard(ch)
                 if ch.executor is not None:
                     ch.executor.cancel(fut, run.cancel_grace)
+                ch.future = None
                 charge(ch, position, timed_out)
+                ch.items = []
 
         def pull() -> _Chunk | None:
             assert it is not None
             first = len(b.results)
             size = sizer.next()
+            items: Sequence[Any]
             try:
-                items = list(itertools.islice(it, size))
+                if sliceable:  # a slice: a memcpy for lists, three ints for a range
+                    items = source[first : first + size]
+                else:
+                    items = list(itertools.islice(it, size))
             except Exception as exc:
                 raise fail_whole(f"load() (after {first} items)", exc) from exc
             if len(items) < size:

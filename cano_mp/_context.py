@@ -61,7 +61,7 @@ class _LazyContext:
     """The context of a batch chunk: one object per chunk, a :class:`TaskContext` built
     only when an item asks for it (most never do, and items may take a microsecond)."""
 
-    __slots__ = ("_flag", "attempt", "deadline", "indices", "position", "run_id", "state", "store")
+    __slots__ = ("_flag", "_pos", "attempt", "deadline", "indices", "run_id", "state", "store")
 
     def __init__(
         self,
@@ -71,6 +71,7 @@ class _LazyContext:
         flag: Callable[[], bool],
         store: SharedStore,
         indices: Sequence[int],
+        pos: memoryview,
     ) -> None:
         self.run_id = run_id
         self.state = state
@@ -78,7 +79,7 @@ class _LazyContext:
         self._flag = flag
         self.store = store
         self.indices = indices
-        self.position = 0
+        self._pos = pos  # pos[0]: the position in the chunk of the item running now
         self.deadline: float | None = None
 
     def build(self) -> TaskContext:
@@ -88,7 +89,7 @@ class _LazyContext:
             self.attempt,
             self.deadline,
             self._flag,
-            self.indices[self.position],
+            self.indices[self._pos[0]],
             self.store,
         )
 

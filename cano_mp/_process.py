@@ -89,12 +89,17 @@ def _read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] 
     return int(position), started / 1e9
 
 
+def _job_of(fut: Future[Any]) -> _Job | None:
+    ref: weakref.ref[_Job] | None = getattr(fut, "_cano_job", None)
+    return ref() if ref is not None else None
+
+
 def default_workers() -> int:
     """Usable CPUs: loky's count honours affinity masks and cgroup CPU quotas."""
     return max(1, int(cpu_count()))
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class _Job:
     call: Call
     future: Future[Any]
@@ -161,7 +166,9 @@ class _Pool:
             blob.data()  # serialise before taking a slot: a failure stays the caller's
         fut: Future[Any] = Future()
         job = _Job(call, fut, next(self._seq))
-        fut._cano_job = job  # type: ignore[attr-defined]
+        # Weakly: a finished job is dropped by the pool, and a cycle future <-> job would
+        # keep the call's arguments alive until the cyclic garbage collector runs.
+        fut._cano_job = weakref.ref(job)  # type: ignore[attr-defined]
         with self._lock:
             if self._closed:
                 raise CanoError("this ProcessExecutor is closed")
@@ -178,7 +185,7 @@ class _Pool:
         return fut
 
     def cancel(self, fut: Future[Any], grace: float) -> None:
-        job: _Job | None = getattr(fut, "_cano_job", None)
+        job = _job_of(fut)
         if job is None or fut.done():
             return
         with self._lock:
@@ -198,7 +205,7 @@ class _Pool:
 
     def progress(self, fut: Future[Any]) -> tuple[int, float] | None:
         """``(position, started)`` of the item a running call reports working on."""
-        job: _Job | None = getattr(fut, "_cano_job", None)
+        job = _job_of(fut)
         slot = job.slot if job is not None else None
         if job is None or slot is None or fut.done():
             return None

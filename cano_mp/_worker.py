@@ -82,8 +82,8 @@ class LRU:
 class CallControl:
     """The ``cancelled`` argument of a call in a pool worker.
 
-    Calling it tells whether the driver asked the running call to stop. ``mark(position)``
-    and ``mark_timed(position)`` report the item a batch chunk works on.
+    Calling it tells whether the driver asked the running call to stop. ``positions()``
+    and ``mark_timed(position, started_ns)`` report the item a batch chunk works on.
     """
 
     __slots__ = ("_base", "_view", "seq")
@@ -106,8 +106,9 @@ class CallControl:
     def end(self) -> None:
         self.seq = 0
 
-    def mark(self, position: int) -> None:
-        self._view[self._base + 2] = position
+    def positions(self) -> memoryview:
+        """A one-item view of this slot's position field: ``view[0] = k`` marks item k."""
+        return self._view[self._base + 2 : self._base + 3]
 
     def mark_timed(self, position: int, started_ns: int) -> None:
         # start first: a reader that sees the new position also sees its start

@@ -14,6 +14,9 @@ Groups and cases:
     split   fanout    one split of 1,000 trivial branches vs loky, ProcessPoolExecutor, Pool
             scaling   N CPU-bound branches: speedup over sequential, vs loky, ProcessPool...
             cancel    JoinStrategy.any(): from the first success to orchestrate() returning
+    batch   tiny      100,000 items of x * 2 vs joblib, ProcessPoolExecutor.map, Pool.map
+            medium    2,000 items of ~5 ms CPU: speedup over sequential, vs joblib
+            memory    a generator of 5,000,000 items: the driver's peak RSS
 
 Each number is the median of several timed repetitions, taken after untimed warm-up runs
 on pools started beforehand. The contenders of a comparison run interleaved (one
@@ -47,6 +50,7 @@ from typing import Any
 import loky
 
 from cano_mp import (
+    BatchTask,
     FunctionTask,
     JoinConfig,
     JoinStrategy,
@@ -202,7 +206,9 @@ def measure(
 
 def fmt_time(seconds: float) -> str:
     sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
-    if seconds < 1e-3:
+    if seconds < 1e-6:
+        text = f"{sign}{seconds * 1e9:.0f} ns"
+    elif seconds < 1e-3:
         text = f"{sign}{seconds * 1e6:.1f} µs"
     elif seconds < 1.0:
         text = f"{sign}{seconds * 1e3:.2f} ms"
@@ -779,6 +785,166 @@ def _idle(psutil: Any, pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
+# batch: tiny, medium, memory
+# ----------------------------------------------------------------------------------------
+
+TINY = 100_000
+MEDIUM = 2_000
+
+
+def double(x: int) -> int:
+    """The tiny item: the contract's ``x * 2``."""
+    return x * 2
+
+
+class MapBatch(BatchTask[str, int, Any]):
+    """``fn`` over ``range(store["n"])`` (or ``store["iters"]`` repeated for burn)."""
+
+    next_states = ("done",)
+
+    def __init__(self, fn: Callable[[int], Any], *, generator: bool = False) -> None:
+        self.fn = fn
+        self.generator = generator
+        self.progress = False
+
+    def load(self, store: Any) -> Any:
+        n, arg = store["n"], store.get("arg")
+        if self.generator:
+            return (i for i in range(n))
+        return range(n) if arg is None else [arg] * n
+
+    def process(self, item: int) -> Any:
+        return self.fn(item)
+
+    def finish(self, store: Any, results: list[Any]) -> str:
+        store["out"] = len(results)
+        return "done"
+
+
+class Double(MapBatch):
+    """The tiny batch as a user writes it: ``process`` is ``x * 2`` itself."""
+
+    def process(self, item: int) -> int:
+        return item * 2
+
+
+def _batch_flow(
+    fn: Callable[[int], Any], n_workers: int, batch: MapBatch | None = None, **kw: Any
+) -> Workflow[str]:
+    flow: Workflow[str] = Workflow(start="map", executor=cano_executor(n_workers), name="batch")
+    return flow.register("map", batch or MapBatch(fn, **kw)).add_exit_state("done")
+
+
+def case_tiny(o: Opts) -> None:
+    import joblib
+
+    n = o.workers
+    header("tiny", f"{TINY:,} items of x * 2, {n} workers")
+    flow = _batch_flow(double, n, Double(double))
+    chunk = -(-TINY // (4 * n))  # multiprocessing.Pool.map's own default
+    with SharedStore() as store, process_pool(n) as ppe, mp_pool(n) as pool:
+        store["n"] = TINY
+        par = joblib.Parallel(n_jobs=n)
+
+        def run_cano() -> None:
+            assert flow.orchestrate(store=store) == "done"
+            assert store["out"] == TINY
+
+        t = measure(
+            {
+                "cano": run_cano,
+                "joblib": lambda: par(joblib.delayed(double)(i) for i in range(TINY)),
+                "ppe": lambda: list(ppe.map(double, range(TINY), chunksize=chunk)),
+                "mp": lambda: pool.map(double, range(TINY)),
+            },
+            o.reps(5),
+            warmup=2,
+        )
+    cano, jl, pp, mp = (t[k] / TINY for k in ("cano", "joblib", "ppe", "mp"))
+    row("cano_mp BatchTask (auto chunks), per item", fmt_time(cano))
+    row(f"joblib.Parallel(n_jobs={n}) (auto batching), per item", fmt_time(jl))
+    row(f"ProcessPoolExecutor.map(chunksize={chunk:,}), per item", fmt_time(pp))
+    row("multiprocessing.Pool.map (default chunks), per item", fmt_time(mp))
+    ratio("cano / joblib", cano / jl, "< 1x", cano < jl)
+    ratio("cano / ProcessPoolExecutor.map", cano / pp, "< 1x", cano < pp)
+    ratio("cano / multiprocessing.Pool.map", cano / mp, "< 1x", cano < mp)
+
+
+def case_medium(o: Opts) -> None:
+    import joblib
+
+    n = o.workers
+    items = 400 if o.quick else MEDIUM
+    iters = _calibrate(0.005)
+    header("medium", f"{items:,} items of ~5 ms pure-Python CPU ({iters:,} turns), {n} workers")
+    flow = _batch_flow(burn, n)
+    sample = max(20, items // 10)
+    with SharedStore() as store:
+        store["n"], store["arg"] = items, iters
+        par = joblib.Parallel(n_jobs=n)
+        t = measure(
+            {
+                # sequential: a tenth of the items, scaled (the whole would take 10 s)
+                "seq": lambda: [burn(iters) for _ in range(sample)],
+                "cano": lambda: flow.orchestrate(store=store),
+                "joblib": lambda: par(joblib.delayed(burn)(iters) for _ in range(items)),
+            },
+            o.reps(3),
+            warmup=1,
+        )
+    seq = t["seq"] * items / sample
+    row(f"sequential in the driver ({sample} items, scaled to {items:,})", fmt_time(seq))
+    row("cano_mp BatchTask", fmt_time(t["cano"]), f"speedup {seq / t['cano']:.2f}x")
+    row(f"joblib.Parallel(n_jobs={n})", fmt_time(t["joblib"]), f"speedup {seq / t['joblib']:.2f}x")
+    goal = 1.8 if n == 2 else 0.9 * n
+    ratio("cano speedup", seq / t["cano"], f"≥ {goal:.2f}x", seq / t["cano"] >= goal)
+    ratio("cano / joblib", t["cano"] / t["joblib"])
+
+
+MEMORY_ITEMS = 5_000_000
+
+
+def is_multiple_of_7(x: int) -> bool:
+    return x % 7 == 0
+
+
+def _memory_child(n_workers: int, items: int) -> None:
+    """Runs in a fresh interpreter: peak RSS of a driver mapping over a generator."""
+    import resource
+
+    flow = _batch_flow(is_multiple_of_7, n_workers, generator=True)
+    with SharedStore() as store:
+        store["n"] = 1000
+        flow.orchestrate(store=store)  # workers started, everything imported
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        store["n"] = items
+        t0 = time.perf_counter()
+        flow.orchestrate(store=store)
+        dt = time.perf_counter() - t0
+        assert store["out"] == items
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(base * 1024, peak * 1024, dt)
+
+
+def case_memory(o: Opts) -> None:
+    n = o.workers
+    items = 1_000_000 if o.quick else MEMORY_ITEMS
+    header("memory", f"a generator of {items:,} items (x % 7 == 0), {n} workers")
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(n), str(items)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    base, peak, dt = out.stdout.split()
+    row("driver RSS before the batch", f"{int(base) / MB:8.1f} MB")
+    row("driver peak RSS during it", f"{int(peak) / MB:8.1f} MB")
+    row(f"time ({float(dt) / items * 1e9:.0f} ns per item)", fmt_time(float(dt)))
+    ok = int(peak) < 200 * MB
+    row("peak RSS", f"{int(peak) / MB:8.1f} MB", f"(goal < 200 MB: {met(ok)})")
+
+
+# ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
 
@@ -790,12 +956,16 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "fanout": case_fanout,
     "scaling": case_scaling,
     "cancel": case_cancel,
+    "tiny": case_tiny,
+    "medium": case_medium,
+    "memory": case_memory,
 }
 GROUPS = {
     "core": ["chain", "inline", "bigdata", "startup"],
     "split": ["fanout", "scaling", "cancel"],
+    "batch": ["tiny", "medium", "memory"],
 }
-GROUPS["all"] = GROUPS["core"] + GROUPS["split"]
+GROUPS["all"] = GROUPS["core"] + GROUPS["split"] + GROUPS["batch"]
 
 
 def _shm_entries() -> set[str]:
@@ -879,4 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--memory-child"]:
+        _memory_child(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(0)
     sys.exit(main())

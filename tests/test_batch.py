@@ -446,11 +446,13 @@ def test_a_generator_is_pulled_lazily_and_closed(pool: ProcessExecutor, store: S
             raise ValueError("enough")
         return x
 
-    flow = Workflow(executor=pool).register(S.MAP, Batch(stop_at_500, endless, chunk_size=10))
+    # One chunk in flight at a time: when the chunk holding item 500 fails, nothing past
+    # that chunk has been pulled from the endless generator.
+    batch = Batch(stop_at_500, endless, chunk_size=10, max_parallel=1)
+    flow = Workflow(executor=pool).register(S.MAP, batch)
     with pytest.raises(TaskError, match="item 500"):
         flow.add_exit_state(S.DONE).orchestrate(S.MAP, store=store)
-    # at most the chunks in flight (2 per worker) beyond the failing item were pulled
-    assert next(pulled) <= 500 + 10 * 2 * pool.max_workers + 10
+    assert next(pulled) == 510
     assert closed == [True]
 
 
@@ -546,7 +548,7 @@ def test_auto_chunks_grow_for_quick_items_and_stay_small_for_slow_ones() -> None
     quick.observe(1000, 1e-4)
     assert quick.next() > 10_000
     slow = ChunkSizer(None, workers=2, total=None)
-    slow.observe(1, 0.05)
+    slow.observe(1, 0.5)
     assert slow.next() == 1
     balanced = ChunkSizer(None, workers=2, total=1000)
     balanced.observe(1000, 1e-4)
@@ -571,3 +573,25 @@ def test_repr_and_validate_and_mermaid() -> None:
     flow.validate()
     assert "MAP --> DONE" in flow.to_mermaid().replace('"', "")
     assert repr(Batch(double)) == "<Batch batch task>"
+
+
+def test_progress_bar_when_forced_and_silence_otherwise(
+    store: SharedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Shown(Batch):
+        progress = True
+
+    run_batch(Shown(double, range(50)), "inline", store)
+    shown = capsys.readouterr().err
+    assert "MAP Shown" in shown and "50" in shown and "item" in shown
+    run_batch(Batch(double, range(50)), "inline", store)  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+
+
+def test_item_index_survives_pickling() -> None:
+    import pickle
+
+    err = TaskError("boom", state=S.MAP, task_name="t", attempts=2)
+    err.item_index = 7
+    again = pickle.loads(pickle.dumps(err))
+    assert again.item_index == 7 and again.attempts == 2
