@@ -8,6 +8,7 @@ picture. Everything public is importable from here.
 from __future__ import annotations
 
 from ._batch import BatchTask, ItemFailure
+from ._concurrent import ConcurrentResult, ConcurrentWorkflow, InstanceResult, WaitStrategy
 from ._context import TaskContext, task_context
 from ._engine import RemoteError
 from ._errors import (
@@ -36,10 +37,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchTask",
     "CanoError",
+    "ConcurrentResult",
+    "ConcurrentWorkflow",
     "ConfigError",
     "Executor",
     "FunctionTask",
     "InlineExecutor",
+    "InstanceResult",
     "ItemFailure",
     "JoinConfig",
     "JoinError",
@@ -60,6 +64,7 @@ __all__ = [
     "TaskError",
     "TaskTimeout",
     "TransitionError",
+    "WaitStrategy",
     "WorkerCrashed",
     "Workflow",
     "WorkflowTimeout",

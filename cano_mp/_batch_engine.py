@@ -146,7 +146,6 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
     from ._engine import (
         _INLINE,
         IN_FLIGHT_PER_WORKER,
-        RunCancelled,
         _describe,
         _load_error,
         _tokens,
@@ -538,7 +537,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         return nxt
     except BaseException as exc:
         error = exc
-        grace = 0.0 if isinstance(exc, KeyboardInterrupt | RunCancelled) else run.cancel_grace
+        grace = run.stop_grace(exc)
         for ch in b.running:
             if ch.future is not None and ch.executor is not None:
                 ch.executor.cancel(ch.future, grace)

@@ -208,14 +208,28 @@ class Run:
         self.info = RunInfo(self.run_id, plan.name)
         self._wake = threading.Event()
         self._cancelled = False
+        self._cancel_grace_on_cancel = cancel_grace
         self._deadline: float | None = None
         self._remote = not isinstance(executor, InlineExecutor)
         self.state: Any = None
 
-    def cancel(self) -> None:
-        """Stop the run from another thread: it raises :class:`RunCancelled`."""
+    def cancel(self, grace: float | None = None) -> None:
+        """Stop the run from another thread: it raises :class:`RunCancelled`.
+
+        In-flight calls get ``grace`` seconds (default: the run's ``cancel_grace``) to
+        notice ``task_context().cancelled()`` before their workers are killed.
+        """
+        self._cancel_grace_on_cancel = self.cancel_grace if grace is None else max(0.0, grace)
         self._cancelled = True
         self._wake.set()
+
+    def stop_grace(self, exc: BaseException) -> float:
+        """How long in-flight calls get to stop when ``exc`` ends a state."""
+        if isinstance(exc, KeyboardInterrupt):
+            return 0.0
+        if isinstance(exc, RunCancelled):
+            return self._cancel_grace_on_cancel
+        return self.cancel_grace
 
     # -- the run ------------------------------------------------------------------------
     def run(self, initial: Any) -> Any:
@@ -332,8 +346,7 @@ class Run:
                 timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
                 self._wake.wait(timeout)
         except BaseException as exc:
-            grace = 0.0 if isinstance(exc, KeyboardInterrupt | RunCancelled) else self.cancel_grace
-            self._stop(p, grace)
+            self._stop(p, self.stop_grace(exc))
             raise
         self._stop(p, self.cancel_grace)
         return self._finish(entry, p.branches, verdict, timed_out)

@@ -14,6 +14,8 @@ Groups and cases:
     split   fanout    one split of 1,000 trivial branches vs loky, ProcessPoolExecutor, Pool
             scaling   N CPU-bound branches: speedup over sequential, vs loky, ProcessPool...
             cancel    JoinStrategy.any(): from the first success to orchestrate() returning
+    concurrent instances 1,000 instances of a 3-state workflow vs loky chained in 8 threads
+            fairness  a slow workflow's time beside 1,000 quick instances vs alone
     batch   tiny      100,000 items of x * 2 vs joblib, ProcessPoolExecutor.map, Pool.map
             medium    2,000 items of ~5 ms CPU: speedup over sequential, vs joblib
             memory    a generator of 5,000,000 items: the driver's peak RSS
@@ -51,6 +53,7 @@ import loky
 
 from cano_mp import (
     BatchTask,
+    ConcurrentWorkflow,
     FunctionTask,
     JoinConfig,
     JoinStrategy,
@@ -785,6 +788,121 @@ def _idle(psutil: Any, pid: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
+# concurrent: instances, fairness
+# ----------------------------------------------------------------------------------------
+
+INSTANCES = 1_000
+THREADS = 8
+
+
+def three_states(name: str, n_workers: int, task_fn: Callable[[Any], int]) -> Workflow[int]:
+    flow: Workflow[int] = Workflow(start=0, executor=cano_executor(n_workers), name=name)
+    for s in range(3):
+        flow.register(s, FunctionTask(task_fn, config=NO_RETRY))
+    return flow.add_exit_state(3)
+
+
+def case_instances(o: Opts) -> None:
+    import threading
+
+    n = o.workers
+    count = 200 if o.quick else INSTANCES
+    header(
+        "instances",
+        f"{count:,} instances of a 3-state workflow of trivial pool tasks, "
+        f"max_concurrency={THREADS}, {n} workers",
+    )
+    flow = three_states("instances", n, chain_step)
+    cw = ConcurrentWorkflow(flow, max_concurrency=THREADS, progress=False)
+    ex = loky_executor(n)
+
+    def run_cano() -> None:
+        with cw.execute(count) as result:
+            assert result.completed == count
+
+    def run_loky() -> None:
+        todo = iter(range(count))
+        lock = threading.Lock()
+
+        def drive() -> None:
+            while True:
+                with lock:
+                    if next(todo, None) is None:
+                        return
+                for i in range(3):
+                    ex.submit(trivial, i).result()
+
+        threads = [threading.Thread(target=drive) for _ in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    t = measure({"cano": run_cano, "loky": run_loky}, o.reps(3), warmup=1)
+    row("cano_mp ConcurrentWorkflow, instances / s", f"{count / t['cano']:10,.0f}")
+    row(
+        f"loky, 3 chained round trips per instance in {THREADS} threads",
+        f"{count / t['loky']:10,.0f}",
+    )
+    r = t["cano"] / t["loky"]
+    ratio("cano time / loky time", r, "≤ 1.30x", r <= 1.3)
+
+
+def slow_step(store: Any) -> int:
+    burn(store["iters"])
+    return int(task_context().state) + 1
+
+
+def _run_quick(cw: ConcurrentWorkflow[int], times: list[float]) -> None:
+    t0 = time.perf_counter()
+    with cw.execute(INSTANCES) as r:
+        assert r.completed == INSTANCES
+    times.append(time.perf_counter() - t0)
+
+
+def case_fairness(o: Opts) -> None:
+    import threading
+
+    n = o.workers
+    iters = _calibrate(0.1)
+    header(
+        "fairness",
+        f"10 instances of a 3-state workflow of ~0.1 s tasks, alone and beside "
+        f"{INSTANCES:,} quick instances (max_concurrency={THREADS}), one pool of {n} workers",
+    )
+    slow = three_states("slow", n, slow_step)
+    quick = three_states("quick", n, chain_step)
+    slow_cw = ConcurrentWorkflow(slow, progress=False)
+    quick_cw = ConcurrentWorkflow(quick, max_concurrency=THREADS, progress=False)
+    stores = [SharedStore() for _ in range(10)]
+    for s in stores:
+        s["iters"] = iters
+
+    def run_slow() -> float:
+        t0 = time.perf_counter()
+        result = slow_cw.execute(stores)
+        assert result.completed == 10
+        return time.perf_counter() - t0
+
+    alone, shared, quick_times = [], [], []
+    run_slow()  # warm-up
+    for _ in range(o.reps(3)):
+        alone.append(run_slow())
+        th = threading.Thread(target=_run_quick, args=(quick_cw, quick_times))
+        th.start()
+        time.sleep(0.05)  # the quick instances fill the pool queue first
+        shared.append(run_slow())
+        th.join()
+    for s in stores:
+        s.close()
+    a, b = statistics.median(alone), statistics.median(shared)
+    row("slow workflow alone", fmt_time(a))
+    row(f"slow workflow beside {INSTANCES:,} quick instances", fmt_time(b))
+    row("the quick instances (in the same run)", fmt_time(statistics.median(quick_times)))
+    ratio("beside / alone", b / a, "≤ 1.50x", b / a <= 1.5)
+
+
+# ----------------------------------------------------------------------------------------
 # batch: tiny, medium, memory
 # ----------------------------------------------------------------------------------------
 
@@ -956,6 +1074,8 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "fanout": case_fanout,
     "scaling": case_scaling,
     "cancel": case_cancel,
+    "instances": case_instances,
+    "fairness": case_fairness,
     "tiny": case_tiny,
     "medium": case_medium,
     "memory": case_memory,
@@ -964,8 +1084,9 @@ GROUPS = {
     "core": ["chain", "inline", "bigdata", "startup"],
     "split": ["fanout", "scaling", "cancel"],
     "batch": ["tiny", "medium", "memory"],
+    "concurrent": ["instances", "fairness"],
 }
-GROUPS["all"] = GROUPS["core"] + GROUPS["split"] + GROUPS["batch"]
+GROUPS["all"] = GROUPS["core"] + GROUPS["split"] + GROUPS["batch"] + GROUPS["concurrent"]
 
 
 def _shm_entries() -> set[str]:
