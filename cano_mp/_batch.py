@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._runner import UnitSpec
     from ._store import SharedStore
 
-__all__ = ["BatchTask", "ItemFailure", "run_batch_chunk"]
+__all__ = ["BatchTask", "ItemFailure", "batch_problems", "run_batch_chunk"]
 
 S = TypeVar("S", bound=Hashable)
 I = TypeVar("I")  # noqa: E741 - the contract's name for the item type
@@ -132,10 +132,27 @@ class BatchTask(Generic[S, I, R]):
         return f"<{type(self).__name__} batch task>"
 
 
+def batch_problems(unit: BatchTask[Any, Any, Any]) -> list[str]:
+    """What is wrong with a BatchTask's settings (empty when nothing)."""
+    name = unit.name
+    problems = []
+    if unit.on_error not in ("raise", "collect"):
+        problems.append(f"{name}.on_error must be 'raise' or 'collect', got {unit.on_error!r}")
+    for attr in ("chunk_size", "max_parallel"):
+        v = getattr(unit, attr)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            problems.append(f"{name}.{attr} must be an int >= 1 or None, got {v!r}")
+    if unit.progress is not None and not isinstance(unit.progress, bool):
+        problems.append(f"{name}.progress must be True, False or None, got {unit.progress!r}")
+    return problems
+
+
 # -- the worker side of one chunk -------------------------------------------------------------
 
-# How many items run between two looks at the cancel flag when items have no timeout.
+# How many items run between two looks at the cancel flag when items have no timeout, at
+# most; fewer once a block takes longer than _CANCEL_CHECK_SECONDS.
 _CANCEL_CHECK_EVERY = 64
+_CANCEL_CHECK_SECONDS = 0.01
 
 
 def _error_payload(exc: BaseException, remote: bool) -> Any:
@@ -200,44 +217,59 @@ def run_batch_chunk(
     try:
         if timeout is None:
             # The hot loop (items may take well under a microsecond): append, and look at
-            # the cancel flag once per block.
+            # the cancel flag once per block; blocks shrink when items are slow, so that a
+            # cancelled chunk notices within ~10 ms.
             out = results.append
             numbered = enumerate(items)
+            block = 1  # doubles while blocks are quick: slow items are checked often
             while len(results) < n:
-                for k, item in itertools.islice(numbered, _CANCEL_CHECK_EVERY):
+                t0 = time.monotonic()
+                for k, item in itertools.islice(numbered, block):
                     pos[0] = k
                     try:
                         out(process(item))
-                    except Exception as exc:
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as exc:
                         out(None)
                         tb = traceback.format_exc()
                         failures.append((k, "err", _error_payload(exc, remote), tb))
                 if control():
                     break
+                took = time.monotonic() - t0
+                if took < _CANCEL_CHECK_SECONDS / 2 and block < _CANCEL_CHECK_EVERY:
+                    block *= 2
+                elif took > _CANCEL_CHECK_SECONDS and block > 1:
+                    block //= 2
             stopped = len(results)
         else:
             mark_timed: Callable[[int, int], None] | None = getattr(control, "mark_timed", None)
             limit_ns = int(timeout * 1e9)
             results.extend(itertools.repeat(None, n))
             for k in range(n):
-                t0 = time.monotonic_ns()
-                ctx.deadline = t0 / 1e9 + timeout
+                t0_ns = time.monotonic_ns()
+                ctx.deadline = t0_ns / 1e9 + timeout
                 if mark_timed is not None:
-                    mark_timed(k, t0)
+                    mark_timed(k, t0_ns)
                 else:
                     pos[0] = k
                 try:
                     value = process(items[k])
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
                     failures.append((k, "err", _error_payload(exc, remote), traceback.format_exc()))
                 else:
-                    if time.monotonic_ns() - t0 > limit_ns:
+                    if time.monotonic_ns() - t0_ns > limit_ns:
                         failures.append((k, "timeout", None, None))
                     else:
                         results[k] = value
                 if control():
                     stopped = k + 1
                     break
+        # Done with the items: from here on (packing the results, sending them) no item is
+        # running, so none can time out or be blamed for a crash.
+        pos[0] = -1
     finally:
         _set_context(previous)
         store._finish(False)

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from ._batch import BatchTask, ItemFailure, run_batch_chunk
+from ._batch import BatchTask, ItemFailure, batch_problems, run_batch_chunk
+from ._context import TaskContext, _set_context
 from ._errors import CanoError, ConfigError, TaskError, TaskTimeout, WorkerCrashed
 from ._executor import Call, Executor, WorkerDied
 from ._progress import progress_bar
@@ -117,6 +118,7 @@ class _Batch:
     unit: BatchTask[Any, Any, Any] = field(init=False)
     results: list[Any] = field(default_factory=list)
     running: set[_Chunk] = field(default_factory=set)
+    stopping: set[_Chunk] = field(default_factory=set)  # timed out, not stopped yet
     done: deque[_Chunk] = field(default_factory=deque)
     requeued: deque[_Chunk] = field(default_factory=deque)
     retries: list[tuple[float, int, int, Any, int]] = field(default_factory=list)
@@ -133,15 +135,12 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
     name = ref.name
     state = entry.state
     cfg = ref.config
+    problems = batch_problems(unit)
+    if problems:  # set after registration (validate() checks them too)
+        raise ConfigError("; ".join(problems))
     on_error = unit.on_error
-    if on_error not in ("raise", "collect"):
-        raise ConfigError(f"{name}.on_error must be 'raise' or 'collect', got {on_error!r}")
     fixed = unit.chunk_size
-    if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 1):
-        raise ConfigError(f"{name}.chunk_size must be an int >= 1 or None, got {fixed!r}")
     cap = unit.max_parallel
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise ConfigError(f"{name}.max_parallel must be an int >= 1 or None, got {cap!r}")
 
     from ._engine import (
         _INLINE,
@@ -184,13 +183,17 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
     it: Iterator[Any] | None = None
     bar = None
     error: BaseException | None = None
+    ctx = TaskContext(run.run_id, state, 1, None, run._is_cancelled)
     try:
+        previous = _set_context(ctx)
         try:
             source = unit.load(view)
             it = iter(source)
+            total = len(source) if isinstance(source, Sized) else None
         except Exception as exc:
             raise fail_whole("load()", exc) from exc
-        total = len(source) if isinstance(source, Sized) else None
+        finally:
+            _set_context(previous)
         sliceable = type(source) in (list, tuple, range)
         sizer = ChunkSizer(fixed, workers, total)
         bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
@@ -323,8 +326,11 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         def collect() -> None:
             while b.done:
                 ch = b.done.popleft()
+                if ch in b.stopping:  # a timed-out chunk has really stopped: its slot is free
+                    b.stopping.discard(ch)
+                    continue
                 if ch not in b.running:
-                    continue  # timed out or cancelled: already dealt with
+                    continue
                 b.running.discard(ch)
                 fut = ch.future
                 assert fut is not None
@@ -335,13 +341,18 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     charge(ch, died.position, crashed(died))
                     ch.items = []
                     continue
-                except CanoError:
-                    raise
-                except Exception as exc:  # the pool could not run the call at all
+                except Exception as exc:  # the call itself failed (the unit cannot load...)
                     raise fail_whole("a chunk", exc) from exc
                 packed = out[1]
-                values, failures = cloudpickle.loads(packed) if remote else packed
-                if not inline and fixed is None:
+                try:
+                    values, failures = cloudpickle.loads(packed) if remote else packed
+                except Exception as exc:  # results that cannot be loaded here
+                    exc.add_note("(while loading the chunk's results in the driver)")
+                    for k in range(len(ch.items)):
+                        item_failed(ch.indices[k], ch.items[k], ch.attempt, exc, None)
+                    ch.items = []
+                    continue
+                if fixed is None:
                     sizer.observe(len(ch.items), out[4] - out[3])
                 n = len(values)
                 failed_positions = {f[0] for f in failures}
@@ -390,9 +401,9 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                         ch.check_at = item_started + timeout
                         continue
                 b.running.discard(ch)
+                b.stopping.add(ch)  # holds its pool slot until it has stopped
                 if ch.executor is not None:
                     ch.executor.cancel(fut, run.cancel_grace)
-                ch.future = None
                 charge(ch, position, timed_out)
                 ch.items = []
 
@@ -417,6 +428,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
             return _Chunk(range(first, first + len(items)), items, 1)
 
         def submit(ch: _Chunk) -> None:
+            """Send ``ch``; once its future exists, the future releases the quota slot."""
             payload: Any = ch.items
             if remote:
                 try:
@@ -430,32 +442,33 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     ) from exc
                 sizer.observe_bytes(len(ch.items), len(payload))
             first: Any = ch.indices.start if isinstance(ch.indices, range) else ch.indices
-            call = Call(
-                run_batch_chunk,
-                (ref.blob, snap.blob),
-                (payload, first, ch.attempt, cfg.timeout, run.run_id, token, remote),
-            )
+            args = (payload, first, ch.attempt, cfg.timeout, run.run_id, token, remote)
             ch.executor = executor
             ch.submitted = time.monotonic()
             ch.check_at = ch.submitted + cfg.timeout if cfg.timeout is not None else None
-            b.running.add(ch)
-            try:
-                fut = executor.submit(call)
-            except BaseException as exc:
-                b.running.discard(ch)
-                if ch.quota and run.quota is not None:
-                    run.quota.release()
-                if isinstance(exc, Exception) and not isinstance(exc, CanoError):
+            fut: Future[Any]
+            if inline:
+                # In the driver: the run's own cancellation is the chunk's cancel flag.
+                fut = Future()
+                fut.set_result(run_batch_chunk(run._is_cancelled, ref.spec, snap.data(), *args))
+            else:
+                call = Call(run_batch_chunk, (ref.blob, snap.blob), args)
+                try:
+                    fut = executor.submit(call)
+                except Exception as exc:
+                    if isinstance(exc, CanoError):
+                        raise
                     raise ConfigError(
-                        f"batch task {name!r} of state {_describe(state)} cannot be sent to a "
-                        f"worker process: {type(exc).__name__}: {exc}. Make it picklable, or "
-                        "set config=TaskConfig(inline=True)"
+                        f"batch task {name!r} of state {_describe(state)} cannot be sent to "
+                        f"a worker process: {type(exc).__name__}: {exc}. Make it picklable, "
+                        "or set config=TaskConfig(inline=True)"
                     ) from exc
-                raise
+            b.running.add(ch)
             ch.future = fut
             if ch.quota and run.quota is not None:
                 quota = run.quota
                 fut.add_done_callback(lambda _f: quota.release())
+                ch.quota = False  # the future's now
             wake, done = run._wake, b.done
 
             def finished(_f: Future[Any]) -> None:
@@ -465,32 +478,35 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
             fut.add_done_callback(finished)
 
         def start(now: float) -> None:
-            while len(b.running) < in_flight and b.fatal is None:
+            while len(b.running) + len(b.stopping) < in_flight and b.fatal is None:
                 ch: _Chunk | None = None
                 if b.requeued:
                     ch = b.requeued[0]
                 elif b.retries and b.retries[0][0] <= now:
                     _, _, index, item, attempt = b.retries[0]
                     ch = _Chunk([index], [item], attempt)
-                elif not b.exhausted:
-                    ch = None  # pulled below, once a pool slot is ours
-                else:
+                elif b.exhausted:
                     return
-                use_quota = not inline and run.quota is not None
-                if use_quota and not run.quota.try_acquire(run._wake):  # type: ignore[union-attr]
+                quota = run.quota if not inline else None
+                if quota is not None and not quota.try_acquire(run._wake):
                     return
-                if ch is None:
-                    ch = pull()
+                try:
                     if ch is None:
-                        if use_quota:
-                            run.quota.release()  # type: ignore[union-attr]
-                        return
-                elif b.requeued and ch is b.requeued[0]:
-                    b.requeued.popleft()
-                else:
-                    heapq.heappop(b.retries)
-                ch.quota = use_quota
-                submit(ch)
+                        ch = pull()  # only once a pool slot is ours
+                        if ch is None:
+                            if quota is not None:
+                                quota.release()
+                            return
+                    elif b.requeued and ch is b.requeued[0]:
+                        b.requeued.popleft()
+                    else:
+                        heapq.heappop(b.retries)
+                    ch.quota = quota is not None
+                    submit(ch)
+                except BaseException:
+                    if quota is not None and (ch is None or ch.quota):
+                        quota.release()  # never handed to a future
+                    raise
                 if b.done:  # inline: finished already; collect before pulling more
                     return
 
@@ -519,10 +535,13 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         if bar is not None:
             bar.close()
             bar = None
+        previous = _set_context(ctx)
         try:
             nxt = unit.finish(view, b.results)
         except Exception as exc:
             raise fail_whole("finish()", exc) from exc
+        finally:
+            _set_context(previous)
         b.results = []
         run._check_known(nxt, ref)
         if ref.declared is not None and nxt not in ref.declared:

@@ -76,14 +76,16 @@ STOP_GRACE = 1.0
 
 
 def _read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] | None:
-    # The worker writes an item's start time before its position, and a call's seq after
-    # resetting both: reading seq, then position, then start never pairs a position with
-    # an earlier item's start (see _worker.CallControl.mark).
+    # The worker writes an item's start before its position, and resets both before it
+    # writes a new call's seq. Read seq, position, start, then seq again (a seqlock): a
+    # pair from two different calls, or a half-written one, is never returned.
     base = SLOT_BYTES * index
     if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
         return None
     position = struct.unpack_from("q", flags, base + POSITION)[0]
     started = struct.unpack_from("q", flags, base + STARTED)[0]
+    if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
+        return None
     if position < 0:
         return None
     return int(position), started / 1e9

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, Literal, Self, TypeVar
 
-from ._batch import BatchTask
+from ._batch import BatchTask, batch_problems
 from ._engine import CANCEL_GRACE, Plan, Quota, Run, StateEntry, is_hashable, make_unit_ref
 from ._errors import ConfigError
 from ._executor import Executor, InlineExecutor
@@ -164,6 +164,8 @@ class Workflow(Generic[S]):
         except ConfigError as exc:
             problems.append(str(exc))
             cfg = TaskConfig()
+        if isinstance(unit, BatchTask):
+            problems.extend(batch_problems(unit))
         return self._add(_Registration(state, [unit], [cfg], None, problems))
 
     def register_split(self, state: S, tasks: Iterable[TaskLike], join: JoinConfig[S]) -> Self:

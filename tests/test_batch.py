@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import threading
@@ -312,8 +313,10 @@ def test_an_undeclared_next_state_is_a_transition_error(executor: Any, store: Sh
 def test_bad_settings_are_config_errors(store: SharedStore) -> None:
     for kw in ({"chunk_size": 0}, {"max_parallel": 0}, {"on_error": "ignore"}):
         flow = Workflow(executor="inline").register(S.MAP, Batch(double, [1], **kw))
+        with pytest.raises(ConfigError, match=r"Batch\."):
+            flow.add_exit_state(S.DONE).validate()
         with pytest.raises(ConfigError):
-            flow.add_exit_state(S.DONE).orchestrate(S.MAP, store=store)
+            flow.orchestrate(S.MAP, store=store)
     with pytest.raises(ConfigError, match="instance"):
         Workflow().register(S.MAP, Batch)
     from cano_mp import JoinConfig, JoinStrategy
@@ -408,12 +411,13 @@ def test_items_see_their_deadline_and_can_stop_cooperatively(pool: ProcessExecut
         return "stopped"
 
     cfg = TaskConfig(retry=RetryPolicy.none(), timeout=0.2)
-    with SharedStore() as store:
-        pids = set(pool.worker_pids())
-        results = run_batch(Batch(polite, range(2), config=cfg, on_error="collect"), pool, store)
+    with ProcessExecutor(2, reuse=False) as ex, SharedStore() as store:
+        run_batch(Batch(double, range(4), chunk_size=1), ex, store)  # both workers started
+        pids = set(ex.worker_pids())
+        assert len(pids) == 2
+        results = run_batch(Batch(polite, range(2), config=cfg, on_error="collect"), ex, store)
+        assert set(ex.worker_pids()) == pids  # a cooperative stop kills no worker
     assert all(isinstance(r, ItemFailure) and isinstance(r.error, TaskTimeout) for r in results)
-    if pids:
-        assert pids & set(pool.worker_pids())  # a cooperative stop kills no worker
 
 
 @pytest.mark.parametrize("cap", [1, 2])
@@ -595,3 +599,112 @@ def test_item_index_survives_pickling() -> None:
     err.item_index = 7
     again = pickle.loads(pickle.dumps(err))
     assert again.item_index == 7 and again.attempts == 2
+
+
+# -- found in review ------------------------------------------------------------------------
+def exit_on_two(x: int) -> int:
+    if x == 2:
+        raise SystemExit(3)
+    return x
+
+
+class Unloadable:
+    """Pickles in the worker, cannot be unpickled in the driver."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse, ())
+
+
+def _refuse() -> Any:
+    raise ValueError("cannot load this result")
+
+
+def unloadable_on_two(x: int) -> Any:
+    return Unloadable() if x == 2 else x
+
+
+def big_and_slowish(x: int) -> bytes:
+    time.sleep(0.25)
+    return bytes(60_000_000)
+
+
+def test_failed_load_or_unpicklable_items_give_back_the_workflow_quota(
+    pool: ProcessExecutor, store: SharedStore
+) -> None:
+    def gen() -> Iterator[int]:
+        yield 1
+        raise OSError("gone")
+
+    for bad in (Batch(double, gen, chunk_size=1), Batch(repr, [threading.Lock()])):
+        flow = Workflow(executor=pool, max_parallel=1).register(S.MAP, bad).add_exit_state(S.DONE)
+        with pytest.raises((TaskError, ConfigError)):
+            flow.orchestrate(S.MAP, store=store)
+        assert flow._quota is not None and flow._quota.in_use == 0
+        ok = Workflow(executor=pool, max_parallel=1, timeout=20)
+        ok.register(S.MAP, Batch(double, [1, 2])).add_exit_state(S.DONE)
+        assert ok.orchestrate(S.MAP, store=store) is S.DONE
+
+
+def test_system_exit_in_an_item_is_that_items_failure(executor: Any, store: SharedStore) -> None:
+    results = run_batch(Batch(exit_on_two, range(4), on_error="collect"), executor, store)
+    assert results[:2] == [0, 1] and results[3] == 3
+    assert isinstance(results[2], ItemFailure) and isinstance(results[2].error, SystemExit)
+
+
+def test_a_result_the_driver_cannot_load_fails_its_chunks_items(
+    pool: ProcessExecutor, store: SharedStore
+) -> None:
+    results = run_batch(
+        Batch(unloadable_on_two, range(6), chunk_size=3, on_error="collect"), pool, store
+    )
+    assert results[3:] == [3, 4, 5]
+    assert all(isinstance(r, ItemFailure) for r in results[:3])
+    assert "cannot load this result" in str(results[0].error)
+
+
+def test_packing_large_results_does_not_count_against_the_last_items_timeout(
+    pool: ProcessExecutor, store: SharedStore
+) -> None:
+    cfg = TaskConfig(retry=RetryPolicy.none(), timeout=0.6)
+    flow = Workflow(executor=pool).register(
+        S.MAP, Batch(big_and_slowish, range(3), chunk_size=3, config=cfg)
+    )
+    flow.add_exit_state(S.DONE).orchestrate(S.MAP, store=store)
+    assert [len(r) for r in store["results"]] == [60_000_000] * 3
+
+
+def test_inline_batches_stop_when_the_run_is_cancelled() -> None:
+    def slow(x: int) -> int:
+        time.sleep(0.02)
+        return x
+
+    async def main() -> float:
+        flow = Workflow(executor="inline").register(S.MAP, Batch(slow, range(500), chunk_size=100))
+        with SharedStore() as store:
+            run = asyncio.ensure_future(
+                flow.add_exit_state(S.DONE).orchestrate_async(S.MAP, store=store)
+            )
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 0.5
+
+
+def test_load_and_finish_see_a_task_context(executor: Any, store: SharedStore) -> None:
+    seen: list[Any] = []
+
+    class Ctx(Batch):
+        def load(self, store: SharedStore) -> Iterable[Any]:
+            seen.append(task_context().state)
+            return [1]
+
+        def finish(self, store: SharedStore, results: list[Any]) -> S:
+            seen.append(task_context().run_id)
+            return super().finish(store, results)
+
+    run_batch(Ctx(double), executor, store)
+    assert seen[0] is S.MAP and isinstance(seen[1], str)
