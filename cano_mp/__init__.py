@@ -28,6 +28,7 @@ from ._join import JoinConfig, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
 from ._process import ProcessExecutor
 from ._retry import RetryPolicy, TaskConfig
+from ._scheduler import Backoff, FlowInfo, FlowStatus, Scheduler
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
 from ._workflow import Workflow
@@ -35,12 +36,15 @@ from ._workflow import Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backoff",
     "BatchTask",
     "CanoError",
     "ConcurrentResult",
     "ConcurrentWorkflow",
     "ConfigError",
     "Executor",
+    "FlowInfo",
+    "FlowStatus",
     "FunctionTask",
     "InlineExecutor",
     "InstanceResult",
@@ -54,6 +58,7 @@ __all__ = [
     "RemoteError",
     "RetryPolicy",
     "RunInfo",
+    "Scheduler",
     "SharedStore",
     "SplitResult",
     "StoreError",
