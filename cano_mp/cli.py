@@ -4,9 +4,13 @@
 
     cano-mp run   PATH.py:NAME | module:NAME [--state MEMBER] [--workers N] [--log-level LEVEL]
     cano-mp graph PATH.py:NAME | module:NAME
+    cano-mp serve PATH.py:NAME | module:NAME [--status-file PATH] [--stop-timeout S]
+                  [--log-level LEVEL]
 
-Exit codes: 0 success, 1 the workflow failed (the error and the worker's traceback on
-stderr), 2 bad usage or configuration (one clear line), 130 interrupted (Ctrl-C).
+Exit codes: 0 success (for ``serve``: a graceful stop on SIGINT / SIGTERM), 1 the workflow
+failed (the error and the worker's traceback on stderr; for ``serve``: running flows had to
+be cancelled at the stop timeout), 2 bad usage or configuration (one clear line), 130
+interrupted (Ctrl-C during ``run``).
 """
 
 from __future__ import annotations
@@ -106,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     graph = sub.add_parser("graph", help="print a workflow's Mermaid diagram")
     graph.add_argument("target", help="PATH.py:NAME or module:NAME")
+    serve = sub.add_parser(
+        "serve", help="run a Scheduler as a daemon until SIGINT / SIGTERM (graceful stop)"
+    )
+    serve.add_argument("target", help="PATH.py:NAME or module:NAME (a Scheduler or a factory)")
+    serve.add_argument(
+        "--status-file", help="JSON of every flow's status, rewritten atomically after each run"
+    )
+    serve.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for running flows on SIGTERM before cancelling them (default 30)",
+    )
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     return parser
 
 
@@ -114,11 +132,35 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    level = str(args.log_level).upper()
+def _logging(level_name: str) -> None:
+    level = str(level_name).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise UsageError(f"unknown log level {args.log_level!r}")
+        raise UsageError(f"unknown log level {level_name!r}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._scheduler import Scheduler
+
+    _logging(args.log_level)
+    if args.stop_timeout < 0:
+        raise UsageError(f"--stop-timeout must be >= 0, got {args.stop_timeout}")
+    sched = load_target(args.target, Scheduler)
+    if args.status_file:
+        sched.status_file = args.status_file
+    log = logging.getLogger("cano_mp.cli")
+    flows = ", ".join(f"{i.id} ({i.schedule})" for i in sched.list()) or "none"
+    log.info("serving %d flow(s): %s (pid %d)", len(sched.list()), flows, os.getpid())
+    try:
+        sched.run_forever(stop_timeout=args.stop_timeout)
+    except CanoError as exc:
+        print(f"cano-mp: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _logging(args.log_level)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     flow = load_target(args.target)
@@ -153,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         flow = load_target(args.target)
         sys.stdout.write(flow.to_mermaid())
         return 0
