@@ -16,6 +16,9 @@ Groups and cases:
             cancel    JoinStrategy.any(): from the first success to orchestrate() returning
     concurrent instances 1,000 instances of a 3-state workflow vs loky chained in 8 threads
             fairness  a slow workflow's time beside 1,000 quick instances vs alone
+    scheduler lateness 100 ticks of a 50 ms interval flow vs a bare Event.wait loop
+            idle      100 flows on 60 s intervals: CPU used over 10 s
+            drift     1,000 ticks at 20 ms: lateness of the last tick vs the first
     batch   tiny      100,000 items of x * 2 vs joblib, ProcessPoolExecutor.map, Pool.map
             medium    2,000 items of ~5 ms CPU: speedup over sequential, vs joblib
             memory    a generator of 5,000,000 items: the driver's peak RSS
@@ -58,6 +61,7 @@ from cano_mp import (
     JoinConfig,
     JoinStrategy,
     ProcessExecutor,
+    Scheduler,
     SharedStore,
     TaskConfig,
     Workflow,
@@ -903,6 +907,100 @@ def case_fairness(o: Opts) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# scheduler: lateness, idle, drift
+# ----------------------------------------------------------------------------------------
+
+
+def _stamping_flow(stamps: list[float]) -> Workflow[str]:
+    def stamp(store: Any) -> str:
+        stamps.append(time.monotonic())
+        return "done"
+
+    flow: Workflow[str] = Workflow(start="go", executor="inline", name="tick")
+    return flow.register("go", FunctionTask(stamp, config=NO_RETRY)).add_exit_state("done")
+
+
+def _ticks(interval: float, n: int) -> list[float]:
+    """Lateness of each of ``n`` runs of an interval flow against its grid."""
+    stamps: list[float] = []
+    sched = Scheduler()
+    sched.every("tick", _stamping_flow(stamps), "go", interval)
+    with sched:
+        anchor = sched._flows["tick"].grid.anchor  # type: ignore[union-attr]
+        while len(stamps) < n:
+            time.sleep(interval)
+    return [t - (anchor + round((t - anchor) / interval) * interval) for t in stamps[:n]]
+
+
+def _bare_ticks(interval: float, n: int) -> list[float]:
+    import threading
+
+    ev = threading.Event()
+    t0 = time.monotonic()
+    late = []
+    for k in range(n):
+        due = t0 + k * interval
+        ev.wait(max(0.0, due - time.monotonic()))
+        late.append(time.monotonic() - due)
+    return late
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+def case_lateness(o: Opts) -> None:
+    n = 40 if o.quick else 100
+    header("lateness", f"{n} ticks of a 50 ms interval flow (inline trivial task)")
+    cano = _ticks(0.05, n)
+    bare = _bare_ticks(0.05, n)
+    c50, c99, b50, b99 = _pct(cano, 0.5), _pct(cano, 0.99), _pct(bare, 0.5), _pct(bare, 0.99)
+    row("cano_mp Scheduler: median / p99 lateness", f"{fmt_time(c50)} / {fmt_time(c99).strip()}")
+    row(
+        "bare Event.wait loop (the floor): median / p99",
+        f"{fmt_time(b50)} / {fmt_time(b99).strip()}",
+    )
+    ok = c50 - b50 <= 1e-3
+    row("median over the floor", fmt_time(c50 - b50), f"(goal ≤ 1 ms: {met(ok)})")
+    row("p99", fmt_time(c99), f"(goal ≤ 5 ms: {met(c99 <= 5e-3)})")
+
+
+def case_idle(o: Opts) -> None:
+    import resource
+
+    seconds = 3.0 if o.quick else 10.0
+    header("idle", f"100 flows on 60 s intervals, after their first runs: CPU over {seconds:g} s")
+    stamps: list[float] = []
+    sched = Scheduler()
+    for i in range(100):
+        sched.every(f"f{i}", _stamping_flow(stamps), "go", 60.0)
+    with sched:
+        while len(stamps) < 100:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(seconds)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    share = cpu / seconds
+    row("CPU used by the whole process", fmt_time(cpu), f"{share * 100:.3f}% of one core")
+    row("share of one core", f"{share * 100:9.3f}%", f"(goal < 0.1%: {met(share < 1e-3)})")
+
+
+def case_drift(o: Opts) -> None:
+    n = 200 if o.quick else 1000
+    header("drift", f"{n} ticks at 20 ms")
+    late = _ticks(0.02, n)
+    first = statistics.median(late[:10])
+    last = statistics.median(late[-10:])
+    row("lateness, first 10 ticks (median)", fmt_time(first))
+    row("lateness, last 10 ticks (median)", fmt_time(last))
+    ok = last <= first + 5e-3
+    row("last - first", fmt_time(last - first), f"(goal ≤ 5 ms: {met(ok)})")
+
+
+# ----------------------------------------------------------------------------------------
 # batch: tiny, medium, memory
 # ----------------------------------------------------------------------------------------
 
@@ -1076,6 +1174,9 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "cancel": case_cancel,
     "instances": case_instances,
     "fairness": case_fairness,
+    "lateness": case_lateness,
+    "idle": case_idle,
+    "drift": case_drift,
     "tiny": case_tiny,
     "medium": case_medium,
     "memory": case_memory,
@@ -1085,8 +1186,11 @@ GROUPS = {
     "split": ["fanout", "scaling", "cancel"],
     "batch": ["tiny", "medium", "memory"],
     "concurrent": ["instances", "fairness"],
+    "scheduler": ["lateness", "idle", "drift"],
 }
-GROUPS["all"] = GROUPS["core"] + GROUPS["split"] + GROUPS["batch"] + GROUPS["concurrent"]
+GROUPS["all"] = (
+    GROUPS["core"] + GROUPS["split"] + GROUPS["batch"] + GROUPS["concurrent"] + GROUPS["scheduler"]
+)
 
 
 def _shm_entries() -> set[str]:
