@@ -17,6 +17,7 @@ from ._errors import (
     JoinError,
     StoreError,
     StoreKeyError,
+    TaskCancelled,
     TaskError,
     TaskTimeout,
     TransitionError,
@@ -25,12 +26,14 @@ from ._errors import (
 )
 from ._executor import Executor, InlineExecutor
 from ._join import JoinConfig, JoinStrategy, SplitResult
+from ._metrics import MetricsObserver
 from ._observe import Observer, RunInfo
 from ._process import ProcessExecutor
 from ._retry import RetryPolicy, TaskConfig
 from ._scheduler import Backoff, FlowInfo, FlowStatus, Scheduler
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
+from ._trace import TraceRecorder
 from ._workflow import Workflow
 
 __version__ = "0.1.0"
@@ -52,6 +55,7 @@ __all__ = [
     "JoinConfig",
     "JoinError",
     "JoinStrategy",
+    "MetricsObserver",
     "Node",
     "Observer",
     "ProcessExecutor",
@@ -64,10 +68,12 @@ __all__ = [
     "StoreError",
     "StoreKeyError",
     "Task",
+    "TaskCancelled",
     "TaskConfig",
     "TaskContext",
     "TaskError",
     "TaskTimeout",
+    "TraceRecorder",
     "TransitionError",
     "WaitStrategy",
     "WorkerCrashed",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import cloudpickle
 
+from . import _context
 from ._context import _LazyContext, _set_context
 from ._retry import TaskConfig
 from ._store import ReadOnlyStore, SnapshotData
@@ -214,6 +215,8 @@ def run_batch_chunk(
     failures: list[tuple[Any, ...]] = []
     stopped = n
     previous = _set_context(ctx)
+    if remote:
+        _context.log_tags = spec.log_tags(run_id, attempt)
     try:
         if timeout is None:
             # The hot loop (items may take well under a microsecond): append, and look at
@@ -272,6 +275,7 @@ def run_batch_chunk(
         pos[0] = -1
     finally:
         _set_context(previous)
+        _context.log_tags = None
         store._finish(False)
     if stopped < n:
         del results[stopped:]

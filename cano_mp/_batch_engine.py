@@ -36,6 +36,7 @@ from ._batch import BatchTask, ItemFailure, batch_problems, run_batch_chunk
 from ._context import TaskContext, _set_context
 from ._errors import CanoError, ConfigError, TaskError, TaskTimeout, WorkerCrashed
 from ._executor import Call, Executor, WorkerDied
+from ._log import get_logger
 from ._progress import progress_bar
 from ._store import Snapshot, TaskStore
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ChunkSizer", "run_batch_state"]
 
-log = logging.getLogger("cano_mp.batch")
+log = get_logger("cano_mp.batch")
 
 # Auto chunking: aim for calls of about this many seconds of work. Long enough that the
 # gap between two chunks on a worker (0.1-0.5 ms on a busy machine: the driver has to be
@@ -354,6 +355,17 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     continue
                 if fixed is None:
                     sizer.observe(len(ch.items), out[4] - out[3])
+                if obs:
+                    obs.emit(
+                        "on_task_timing",
+                        run.info,
+                        state,
+                        f"{name}[{ch.indices[0]}..{ch.indices[-1]}]",
+                        ch.attempt,
+                        pid=out[2],
+                        started=out[3],
+                        ended=out[4],
+                    )
                 n = len(values)
                 failed_positions = {f[0] for f in failures}
                 if isinstance(ch.indices, range) and not failed_positions and n == len(ch.items):

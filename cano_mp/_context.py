@@ -96,6 +96,9 @@ class _LazyContext:
 
 _local = threading.local()
 
+# In a pool worker, while a call runs: the tags its log records are forwarded with.
+log_tags: dict[str, object] | None = None
+
 
 def task_context() -> TaskContext:
     """Return the :class:`TaskContext` of the task running in this thread.

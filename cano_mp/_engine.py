@@ -42,6 +42,7 @@ from ._errors import (
     CanoError,
     ConfigError,
     JoinError,
+    TaskCancelled,
     TaskError,
     TaskTimeout,
     TransitionError,
@@ -50,6 +51,7 @@ from ._errors import (
 )
 from ._executor import Blob, Call, Executor, InlineExecutor, WorkerDied
 from ._join import JoinConfig, SplitResult, decide
+from ._log import get_logger
 from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
 from ._runner import UnitSpec, run_unit_call
@@ -57,7 +59,7 @@ from ._store import SharedStore, Snapshot
 
 __all__ = ["CANCEL_GRACE", "Plan", "RemoteError", "Run", "RunCancelled", "UnitRef"]
 
-log = logging.getLogger("cano_mp.engine")
+log = get_logger("cano_mp.engine")
 
 # Seconds a cancelled or timed-out call gets to notice task_context().cancelled() and
 # return before its worker is killed. Longer lets more tasks stop cleanly (their worker
@@ -346,9 +348,9 @@ class Run:
                 timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
                 self._wake.wait(timeout)
         except BaseException as exc:
-            self._stop(p, self.stop_grace(exc))
+            self._stop(p, self.stop_grace(exc), entry)
             raise
-        self._stop(p, self.cancel_grace)
+        self._stop(p, self.cancel_grace, entry)
         return self._finish(entry, p.branches, verdict, timed_out)
 
     def _run_inline(self, entry: StateEntry, snap: Snapshot) -> Any:
@@ -377,6 +379,8 @@ class Run:
                 b.token,
                 False,
             )
+            if obs:
+                self._timing(entry, b, out)
             if out[0] == "ok" and b.deadline is not None and time.monotonic() > b.deadline:
                 self.store._discard(b.token)
                 self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
@@ -557,6 +561,8 @@ class Run:
                 self._discard(b)
                 self._attempt_failed(entry, p, b, exc, None)
                 continue
+            if self.observers:
+                self._timing(entry, b, out)
             if out[0] == "ok":
                 if (
                     isinstance(b.executor, InlineExecutor)
@@ -584,12 +590,18 @@ class Run:
             self._discard(b)
             self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
 
-    def _stop(self, p: _Progress, grace: float) -> None:
+    def _stop(self, p: _Progress, grace: float, entry: StateEntry | None = None) -> None:
         for b in p.running:
             assert b.future is not None
             b.executor.cancel(b.future, grace)
             self._discard(b)
             b.status = "cancelled"
+            if self.observers and entry is not None:
+                self._task_end(
+                    entry,
+                    b,
+                    TaskCancelled(f"attempt {b.attempt} of task {b.ref.name!r} was cancelled"),
+                )
         for b in [*p.waiting, *p.retrying]:
             b.status = "cancelled"
         p.running.clear()
@@ -600,6 +612,18 @@ class Run:
         token, store = b.token, self.store
         if b.future is not None:
             b.future.add_done_callback(lambda _f: store._discard(token))
+
+    def _timing(self, entry: StateEntry, b: _Branch, out: tuple[Any, ...]) -> None:
+        self.observers.emit(
+            "on_task_timing",
+            self.info,
+            entry.state,
+            b.ref.name,
+            b.attempt,
+            pid=out[3],
+            started=out[4],
+            ended=out[5],
+        )
 
     def _task_end(self, entry: StateEntry, b: _Branch, error: BaseException | None) -> None:
         if self.observers:
@@ -725,8 +749,9 @@ def make_unit_ref(
     state: Any,
     table: tuple[Any, ...],
     key: str,
+    workflow: str = "",
 ) -> UnitRef:
-    spec = UnitSpec(unit, state, name, table)
+    spec = UnitSpec(unit, state, name, table, workflow)
 
     def serialise() -> bytes:
         return bytes(cloudpickle.dumps(spec))

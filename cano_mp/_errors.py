@@ -27,6 +27,7 @@ __all__ = [
     "JoinError",
     "StoreError",
     "StoreKeyError",
+    "TaskCancelled",
     "TaskError",
     "TaskTimeout",
     "TransitionError",
@@ -145,6 +146,12 @@ class WorkerCrashed(TaskError):
     ) -> None:
         super().__init__(message, state=state, task_name=task_name, attempts=attempts)
         self.exitcode = exitcode
+
+
+class TaskCancelled(CanoError):
+    """An attempt was stopped because it was no longer needed: its join resolved without
+    it, its run was cancelled or timed out, or Ctrl-C. Observers see it as the attempt's
+    ``error`` in ``on_task_end``; it is never raised by ``orchestrate()``."""
 
 
 class JoinError(CanoError):

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ._log import get_logger
 
 if TYPE_CHECKING:
     from ._join import SplitResult
 
 __all__ = ["Observer", "RunInfo"]
 
-log = logging.getLogger("cano_mp.observe")
+log = get_logger("cano_mp.observe")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,22 @@ class Observer:
         duration: float,
     ) -> None:
         """An attempt ended; ``error`` is the attempt's own exception, or None."""
+
+    def on_task_timing(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        *,
+        pid: int,
+        started: float,
+        ended: float,
+    ) -> None:
+        """Where and when an attempt really ran: the process id and the wall-clock
+        (``time.time()``) start and end measured in that process. Called just before
+        ``on_task_end`` when the attempt returned (not for crashes or kills), and once per
+        chunk of a BatchTask (``task_name`` is then ``"Name[first..last]"``)."""
 
     def on_retry(
         self,

@@ -56,6 +56,7 @@ from loky.backend.context import get_context
 from . import _shm
 from ._errors import CanoError, ConfigError
 from ._executor import CANCELLED, Call, WorkerDied
+from ._log import get_logger
 from ._worker import (
     CACHE_SIZES,
     CANCEL,
@@ -69,7 +70,7 @@ from ._worker import (
 
 __all__ = ["ProcessExecutor", "default_workers", "shutdown_shared_pools"]
 
-log = logging.getLogger("cano_mp.executor")
+log = get_logger("cano_mp.executor")
 
 # How long close() waits for workers to exit after ("stop",) before killing them.
 STOP_GRACE = 1.0
@@ -89,6 +90,27 @@ def _read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] 
     if position < 0:
         return None
     return int(position), started / 1e9
+
+
+def _emit_remote(payload: dict[str, Any]) -> None:
+    """Hand a task's log record from a worker to the driver's logger of the same name."""
+    try:
+        logger = logging.getLogger(payload["name"])
+        if not logger.isEnabledFor(payload["levelno"]):
+            return
+        tags = payload.pop("cano_tags", {}) or {}
+        record = logging.makeLogRecord(payload)
+        record.args = None
+        record.msg = (
+            f"[{tags.get('task')} of {tags.get('state')}, attempt {tags.get('attempt')}, "
+            f"worker {payload.get('process')}] {payload['msg']}"
+        )
+        for k, v in tags.items():
+            setattr(record, k, v)
+        record.worker_pid = payload.get("process")
+        logger.handle(record)
+    except Exception:  # a log record must never break the pool
+        log.debug("could not re-emit a worker's log record", exc_info=True)
 
 
 def _job_of(fut: Future[Any]) -> _Job | None:
@@ -269,7 +291,8 @@ class _Pool:
                 new.append((blob.key, blob.category, blob.data()))
                 cache.add(blob.key, None)
             keys.append((blob.key, blob.category))
-        return ("call", job.seq, job.call.fn, new, keys, job.call.args)
+        level = logging.root.getEffectiveLevel()
+        return ("call", job.seq, job.call.fn, new, keys, job.call.args, level)
 
     def _send(self, slot: _Slot, job: _Job) -> None:
         try:
@@ -386,6 +409,9 @@ class _Pool:
             self._reap(slot)
             return
         kind = msg[0]
+        if kind == "log":
+            _emit_remote(msg[2])
+            return
         if kind == "init_error":
             error = CanoError(f"the worker initializer failed:\n{msg[1]}")
             with self._lock:

@@ -15,6 +15,7 @@ or ``("unpicklable", type name, message)``.
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 import traceback
@@ -23,6 +24,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _context
 from ._context import TaskContext, _set_context
 from ._store import SnapshotData, TaskStore
 from ._task import Node, Task
@@ -33,13 +35,16 @@ __all__ = ["UnitSpec", "run_unit_call"]
 class UnitSpec:
     """A unit, the state it runs for, and the workflow's state table."""
 
-    __slots__ = ("_index", "name", "state", "table", "unit")
+    __slots__ = ("_index", "name", "state", "table", "unit", "workflow")
 
-    def __init__(self, unit: Any, state: Any, name: str, table: tuple[Any, ...]) -> None:
+    def __init__(
+        self, unit: Any, state: Any, name: str, table: tuple[Any, ...], workflow: str = ""
+    ) -> None:
         self.unit = unit
         self.state = state
         self.name = name
         self.table = table
+        self.workflow = workflow
         self._index: dict[Any, int] | None = None
 
     def encode_state(self, value: Any) -> tuple[str, Any]:
@@ -57,11 +62,22 @@ class UnitSpec:
         return self.table[enc[1]] if enc[0] == "i" else enc[1]
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.unit, self.state, self.name, self.table)
+        return (self.unit, self.state, self.name, self.table, self.workflow)
 
     def __setstate__(self, st: tuple[Any, ...]) -> None:
-        self.unit, self.state, self.name, self.table = st
+        self.unit, self.state, self.name, self.table, self.workflow = st
         self._index = None
+
+    def log_tags(self, run_id: str, attempt: int) -> dict[str, Any]:
+        """What a worker-side log record of this unit is tagged with."""
+        state = self.state.name if isinstance(self.state, enum.Enum) else self.state
+        return {
+            "run_id": run_id,
+            "workflow": self.workflow,
+            "state": state,
+            "task": self.name,
+            "attempt": attempt,
+        }
 
 
 def execute_unit(unit: Any, store: TaskStore) -> Any:
@@ -97,6 +113,8 @@ def run_unit_call(
     store = TaskStore(snap, token)
     ctx = TaskContext(run_id, spec.state, attempt, deadline, cancelled)
     previous = _set_context(ctx)
+    if remote:
+        _context.log_tags = spec.log_tags(run_id, attempt)
     try:
         result = execute_unit(spec.unit, store)
     except Exception as exc:
@@ -108,6 +126,7 @@ def run_unit_call(
         raise
     finally:
         _set_context(previous)
+        _context.log_tags = None
     try:
         log = store._finish(True)
     except Exception as exc:

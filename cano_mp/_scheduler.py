@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import html
 import json
-import logging
 import os
 import random
 import signal
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._concurrent import ConcurrentWorkflow, WaitStrategy, _Execution
 from ._engine import Run, _describe
 from ._errors import CanoError, ConfigError
+from ._log import get_logger
 from ._retry import to_seconds
 from ._store import SharedStore
 from ._triggers import CronSchedule, IntervalGrid
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Backoff", "FlowInfo", "FlowStatus", "Scheduler"]
 
-log = logging.getLogger("cano_mp.scheduler")
+log = get_logger("cano_mp.scheduler")
 
 Overlap = Literal["skip", "queue", "allow"]
 

@@ -23,13 +23,14 @@ exception, so free space is checked (``os.statvfs``) before each segment is writ
 from __future__ import annotations
 
 import atexit
-import logging
 import mmap
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+
+from ._log import get_logger
 
 __all__ = [
     "PREFIX",
@@ -41,7 +42,7 @@ __all__ = [
     "write_segment",
 ]
 
-log = logging.getLogger("cano_mp.store")
+log = get_logger("cano_mp.store")
 
 PREFIX = "cano_mp-"
 SHM_ROOT = "/dev/shm"

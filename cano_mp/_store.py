@@ -48,6 +48,17 @@ SnapshotData = tuple[str, int, tuple[str | None, str], dict[str, Encoded]]
 
 _MISSING: Any = object()
 
+# Segments held in memory instead of in files, by the path a snapshot's index names them
+# with: a Dask worker on another machine receives a snapshot's large values by value
+# (see ``_byvalue``) and serves them from here. Empty in cano_mp's own pool workers.
+HELD_SEGMENTS: dict[str, memoryview] = {}
+
+# The segments ``SharedStore.array()`` handed out writable: the only ones whose bytes
+# can change after they were written (``_byvalue`` ships them again with each version).
+WRITABLE_SEGMENTS: weakref.WeakValueDictionary[str, _shm.Segment] = (
+    weakref.WeakValueDictionary()
+)
+
 
 def _check_key(key: object) -> str:
     if not isinstance(key, str):
@@ -333,6 +344,7 @@ class SharedStore:
             mm = _shm.create_writable(path, nbytes)
             seg = _shm.Segment(path, nbytes, mm)
             self._segments[path] = seg
+            WRITABLE_SEGMENTS[path] = seg
             arr: np.ndarray[Any, Any] = np.ndarray(shp, dtype=dt, buffer=mm)
             if nbytes >= 1:
                 self._writable.add(mm, (path, nbytes), seg)
@@ -464,6 +476,9 @@ class _CallMaps:
     def view(self, ref: Ref) -> memoryview:
         mm = self._maps.get(ref[0])
         if mm is None:
+            held = HELD_SEGMENTS.get(ref[0])
+            if held is not None:
+                return held[: ref[1]]
             try:
                 mm = _shm.map_readonly(ref[0], ref[1])
             except FileNotFoundError:

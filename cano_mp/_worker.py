@@ -2,10 +2,15 @@
 
 Messages on the worker's duplex pipe (one worker per pipe; FIFO both ways)::
 
-    driver -> worker   ("call", seq, fn, new_blobs, blob_keys, args)
+    driver -> worker   ("call", seq, fn, new_blobs, blob_keys, args, log_level)
                            new_blobs: [(key, category, bytes)] not yet cached here
                        ("stop",)
     worker -> driver   ("ok", seq, result) | ("exc", seq, text) | ("init_error", text)
+                       ("log", seq, record)   any number, while a call runs
+
+Log records a task emits in the worker (at or above the driver's root level, sent with
+each call) go to the driver as they happen, tagged with the run, state, task and attempt,
+and are handled there by the logger of the same name.
 
 Blob caches are bounded LRUs whose eviction the driver mirrors exactly (same sizes, same
 order of use), so the driver always knows what a worker holds without asking.
@@ -23,6 +28,7 @@ parent watchdog where that is unavailable).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import pickle
@@ -36,6 +42,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
+
+from . import _context
 
 __all__ = [
     "CACHE_SIZES",
@@ -144,6 +152,51 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="cano_mp-parent-watch").start()
 
 
+class _Forward(logging.Handler):
+    """Sends the worker's log records to the driver (while a call runs)."""
+
+    def __init__(self, send: Any, control: CallControl) -> None:
+        super().__init__()
+        self._send = send
+        self._control = control
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tags = _context.log_tags
+        if tags is None:
+            return  # not from a task
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        exc_text = record.exc_text
+        if record.exc_info and not exc_text:
+            exc_text = logging.Formatter().formatException(record.exc_info)
+        payload = {
+            "name": record.name,
+            "levelno": record.levelno,
+            "levelname": record.levelname,
+            "msg": message,
+            "pathname": record.pathname,
+            "filename": record.filename,
+            "module": record.module,
+            "lineno": record.lineno,
+            "funcName": record.funcName,
+            "created": record.created,
+            "msecs": record.msecs,
+            "process": record.process,
+            "processName": record.processName,
+            "thread": record.thread,
+            "threadName": record.threadName,
+            "exc_text": exc_text,
+            "stack_info": record.stack_info,
+            "cano_tags": dict(tags),
+        }
+        try:
+            self._send(("log", self._control.seq, payload))
+        except Exception:
+            pass  # the driver is gone or the record cannot be sent: never break the task
+
+
 def worker_main(
     conn: Connection,
     slot: int,
@@ -168,7 +221,17 @@ def worker_main(
             return
 
     caches = {cat: LRU(size) for cat, size in CACHE_SIZES.items()}
-    recv, send = conn.recv, conn.send
+    recv, raw_send = conn.recv, conn.send
+    send_lock = threading.Lock()
+
+    def send(msg: Any) -> None:
+        with send_lock:  # task threads may log while the main thread replies
+            raw_send(msg)
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(_Forward(send, control))
     while True:
         try:
             msg = recv()
@@ -176,7 +239,9 @@ def worker_main(
             return
         if msg[0] != "call":
             return
-        _, seq, fn, new_blobs, keys, args = msg
+        _, seq, fn, new_blobs, keys, args, level = msg
+        if root.level != level:
+            root.setLevel(level)
         for key, category, data in new_blobs:
             try:
                 obj = cloudpickle.loads(data)

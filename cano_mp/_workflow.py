@@ -319,6 +319,7 @@ class Workflow(Generic[S]):
                                 state,
                                 table,
                                 f"u{self._uid}.{self._version}.{si}.{bi}",
+                                self.name,
                             )
                         )
                     batch = reg.join is None and isinstance(reg.units[0], BatchTask)

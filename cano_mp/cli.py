@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from ._errors import CanoError, ConfigError, TaskError
+from ._log import get_logger
 from ._workflow import Workflow
 
 __all__ = ["load_target", "main"]
@@ -148,7 +149,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sched = load_target(args.target, Scheduler)
     if args.status_file:
         sched.status_file = args.status_file
-    log = logging.getLogger("cano_mp.cli")
+    log = get_logger("cano_mp.cli")
     flows = ", ".join(f"{i.id} ({i.schedule})" for i in sched.list()) or "none"
     log.info("serving %d flow(s): %s (pid %d)", len(sched.list()), flows, os.getpid())
     try:
@@ -184,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elif exc.__cause__ is not None:
             traceback.print_exception(exc.__cause__, file=sys.stderr)
         return 1
-    logging.getLogger("cano_mp.cli").info("finished in %.3fs", time.monotonic() - started)
+    get_logger("cano_mp.cli").info("finished in %.3fs", time.monotonic() - started)
     print(_label(final))
     return 0
 

@@ -1,0 +1,201 @@
+"""``MetricsObserver``: counters and duration histograms of runs, states and tasks, as a
+dict or in the Prometheus text format."""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import threading
+from collections import defaultdict
+from typing import Any
+
+from ._errors import TaskCancelled, TaskTimeout, WorkerCrashed
+from ._observe import Observer, RunInfo
+
+__all__ = ["DEFAULT_BUCKETS", "MetricsObserver"]
+
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0,
+)  # fmt: skip
+
+
+def _label(state: Any) -> str:
+    return state.name if isinstance(state, enum.Enum) else str(state)
+
+
+class _Histogram:
+    __slots__ = ("buckets", "count", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last: +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def as_dict(self) -> dict[str, Any]:
+        cumulative, total = {}, 0
+        for bound, n in zip([*self.buckets, float("inf")], self.counts, strict=True):
+            total += n
+            cumulative["+Inf" if bound == float("inf") else repr(bound)] = total
+        return {"count": self.count, "sum": self.sum, "buckets": cumulative}
+
+
+Key = tuple[tuple[str, str], ...]
+
+
+class MetricsObserver(Observer):
+    """Counts what runs do; read with :meth:`as_dict`, export with :meth:`to_prometheus`.
+
+    Counters (labels): ``cano_mp_runs_total`` (workflow, outcome: completed / failed),
+    ``cano_mp_states_total`` (workflow, state), ``cano_mp_task_attempts_total`` (workflow,
+    state, task, outcome: ok / error / timeout / crash / cancelled),
+    ``cano_mp_retries_total``, ``cano_mp_task_failures_total``, ``cano_mp_crashes_total``,
+    ``cano_mp_cancellations_total`` (workflow, state, task). Histograms (seconds):
+    ``cano_mp_run_duration_seconds`` (workflow) and ``cano_mp_task_duration_seconds``
+    (workflow, state, task). Thread-safe: one observer can watch many workflows and runs.
+
+    A task failure counts an attempt that failed, whether it is retried or not.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[Key, float]] = defaultdict(lambda: defaultdict(float))
+        self._hists: dict[str, dict[Key, _Histogram]] = defaultdict(dict)
+
+    def _inc(self, name: str, labels: Key, value: float = 1.0) -> None:
+        with self._lock:
+            self._counters[name][labels] += value
+
+    def _observe(self, name: str, labels: Key, value: float) -> None:
+        with self._lock:
+            h = self._hists[name].get(labels)
+            if h is None:
+                h = self._hists[name][labels] = _Histogram(self.buckets)
+            h.observe(value)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_state_enter(self, run: RunInfo, state: Any) -> None:
+        self._inc("cano_mp_states_total", (("workflow", run.workflow), ("state", _label(state))))
+
+    def on_task_end(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        *,
+        error: BaseException | None,
+        duration: float,
+    ) -> None:
+        labels = (("workflow", run.workflow), ("state", _label(state)), ("task", task_name))
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, TaskCancelled):
+            outcome = "cancelled"
+            self._inc("cano_mp_cancellations_total", labels)
+        elif isinstance(error, WorkerCrashed):
+            outcome = "crash"
+            self._inc("cano_mp_crashes_total", labels)
+        elif isinstance(error, TaskTimeout):
+            outcome = "timeout"
+        else:
+            outcome = "error"
+        if outcome not in ("ok", "cancelled"):
+            self._inc("cano_mp_task_failures_total", labels)
+        self._inc("cano_mp_task_attempts_total", (*labels, ("outcome", outcome)))
+        self._observe("cano_mp_task_duration_seconds", labels, duration)
+
+    def on_retry(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        delay: float,
+        error: BaseException,
+    ) -> None:
+        labels = (("workflow", run.workflow), ("state", _label(state)), ("task", task_name))
+        self._inc("cano_mp_retries_total", labels)
+
+    def on_workflow_end(
+        self,
+        run: RunInfo,
+        *,
+        final_state: Any,
+        error: BaseException | None,
+        duration: float,
+    ) -> None:
+        outcome = "completed" if error is None else "failed"
+        self._inc("cano_mp_runs_total", (("workflow", run.workflow), ("outcome", outcome)))
+        self._observe("cano_mp_run_duration_seconds", (("workflow", run.workflow),), duration)
+
+    # -- reading -----------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        """``{metric: [{"labels": {...}, "value": n}]}`` for counters and
+        ``{"labels": {...}, "count", "sum", "buckets"}`` for histograms."""
+        with self._lock:
+            out: dict[str, Any] = {}
+            for name, series in sorted(self._counters.items()):
+                out[name] = [{"labels": dict(k), "value": v} for k, v in sorted(series.items())]
+            for name, hists in sorted(self._hists.items()):
+                out[name] = [{"labels": dict(k), **h.as_dict()} for k, h in sorted(hists.items())]
+            return out
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of a counter over the series matching ``labels`` (0 if none)."""
+        with self._lock:
+            series = self._counters.get(name, {})
+            want = set(labels.items())
+            return sum(v for k, v in series.items() if want <= set(k))
+
+    def reset(self) -> None:
+        """Forget everything counted so far."""
+        with self._lock:
+            self._counters.clear()
+            self._hists.clear()
+
+    def to_prometheus(self) -> str:
+        """The metrics in the Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+        data = self.as_dict()
+        for name, series in data.items():
+            if name.endswith("_seconds"):
+                lines.append(f"# HELP {name} {name.replace('_', ' ')}")
+                lines.append(f"# TYPE {name} histogram")
+                for s in series:
+                    base = s["labels"]
+                    for le, n in s["buckets"].items():
+                        lines.append(f"{name}_bucket{_fmt_labels({**base, 'le': le})} {n}")
+                    lines.append(f"{name}_sum{_fmt_labels(base)} {s['sum']!r}")
+                    lines.append(f"{name}_count{_fmt_labels(base)} {s['count']}")
+            else:
+                lines.append(f"# HELP {name} {name.replace('_', ' ')}")
+                lines.append(f"# TYPE {name} counter")
+                for s in series:
+                    lines.append(f"{name}{_fmt_labels(s['labels'])} {_num(s['value'])}")
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        runs = self.value("cano_mp_runs_total")
+        attempts = self.value("cano_mp_task_attempts_total")
+        return f"<MetricsObserver {runs:g} runs, {attempts:g} task attempts>"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def _fmt_labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    parts = []
+    for k, v in labels.items():
+        escaped = str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        parts.append(f'{k}="{escaped}"')
+    return "{" + ",".join(parts) + "}"
