@@ -379,7 +379,7 @@ class Run:
                 b.token,
                 False,
             )
-            if obs:
+            if obs.wants("on_task_timing"):
                 self._timing(entry, b, out)
             if out[0] == "ok" and b.deadline is not None and time.monotonic() > b.deadline:
                 self.store._discard(b.token)
@@ -561,7 +561,7 @@ class Run:
                 self._discard(b)
                 self._attempt_failed(entry, p, b, exc, None)
                 continue
-            if self.observers:
+            if self.observers.wants("on_task_timing"):
                 self._timing(entry, b, out)
             if out[0] == "ok":
                 if (

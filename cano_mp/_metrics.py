@@ -67,6 +67,31 @@ class MetricsObserver(Observer):
         self._lock = threading.Lock()
         self._counters: dict[str, dict[Key, float]] = defaultdict(lambda: defaultdict(float))
         self._hists: dict[str, dict[Key, _Histogram]] = defaultdict(dict)
+        # label tuples, built once per (workflow, state[, task])
+        self._state_keys: dict[tuple[str, Any], Key] = {}
+        self._task_keys: dict[tuple[str, Any, str], Key] = {}
+
+    def _state_key(self, workflow: str, state: Any) -> Key:
+        try:
+            return self._state_keys[(workflow, state)]
+        except (KeyError, TypeError):
+            key = (("workflow", workflow), ("state", _label(state)))
+            try:
+                self._state_keys[(workflow, state)] = key
+            except TypeError:
+                pass
+            return key
+
+    def _task_key(self, workflow: str, state: Any, task: str) -> Key:
+        try:
+            return self._task_keys[(workflow, state, task)]
+        except (KeyError, TypeError):
+            key = (("workflow", workflow), ("state", _label(state)), ("task", task))
+            try:
+                self._task_keys[(workflow, state, task)] = key
+            except TypeError:
+                pass
+            return key
 
     def _inc(self, name: str, labels: Key, value: float = 1.0) -> None:
         with self._lock:
@@ -81,7 +106,9 @@ class MetricsObserver(Observer):
 
     # -- hooks -----------------------------------------------------------------------------
     def on_state_enter(self, run: RunInfo, state: Any) -> None:
-        self._inc("cano_mp_states_total", (("workflow", run.workflow), ("state", _label(state))))
+        key = self._state_key(run.workflow, state)
+        with self._lock:
+            self._counters["cano_mp_states_total"][key] += 1
 
     def on_task_end(
         self,
@@ -93,23 +120,31 @@ class MetricsObserver(Observer):
         error: BaseException | None,
         duration: float,
     ) -> None:
-        labels = (("workflow", run.workflow), ("state", _label(state)), ("task", task_name))
+        labels = self._task_key(run.workflow, state, task_name)
         if error is None:
             outcome = "ok"
         elif isinstance(error, TaskCancelled):
             outcome = "cancelled"
-            self._inc("cano_mp_cancellations_total", labels)
         elif isinstance(error, WorkerCrashed):
             outcome = "crash"
-            self._inc("cano_mp_crashes_total", labels)
         elif isinstance(error, TaskTimeout):
             outcome = "timeout"
         else:
             outcome = "error"
-        if outcome not in ("ok", "cancelled"):
-            self._inc("cano_mp_task_failures_total", labels)
-        self._inc("cano_mp_task_attempts_total", (*labels, ("outcome", outcome)))
-        self._observe("cano_mp_task_duration_seconds", labels, duration)
+        counters = self._counters
+        with self._lock:
+            if outcome == "cancelled":
+                counters["cano_mp_cancellations_total"][labels] += 1
+            elif outcome != "ok":
+                counters["cano_mp_task_failures_total"][labels] += 1
+                if outcome == "crash":
+                    counters["cano_mp_crashes_total"][labels] += 1
+            counters["cano_mp_task_attempts_total"][(*labels, ("outcome", outcome))] += 1
+            hists = self._hists["cano_mp_task_duration_seconds"]
+            h = hists.get(labels)
+            if h is None:
+                h = hists[labels] = _Histogram(self.buckets)
+            h.observe(duration)
 
     def on_retry(
         self,

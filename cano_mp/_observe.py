@@ -94,19 +94,39 @@ class Observer:
 
 
 class Observers:
-    """Calls each observer's hook, logging (never raising) what an observer raises."""
+    """Calls each observer's hook, logging (never raising) what an observer raises.
 
-    __slots__ = ("_observers",)
+    Only hooks an observer's class overrides are called: a no-op hook costs nothing.
+    """
+
+    __slots__ = ("_hooks", "_observers")
 
     def __init__(self, observers: Iterable[Observer]) -> None:
         self._observers = tuple(observers)
+        self._hooks: dict[str, tuple[Any, ...]] = {}
+        for name in _HOOKS:
+            base = getattr(Observer, name)
+            self._hooks[name] = tuple(
+                getattr(o, name)
+                for o in self._observers
+                if getattr(type(o), name, base) is not base or name in vars(o)
+            )
 
     def __bool__(self) -> bool:
         return bool(self._observers)
 
+    def wants(self, hook: str) -> bool:
+        """Whether some observer implements ``hook``."""
+        return bool(self._hooks.get(hook))
+
     def emit(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        for obs in self._observers:
+        for fn in self._hooks.get(hook, ()):
             try:
-                getattr(obs, hook)(*args, **kwargs)
+                fn(*args, **kwargs)
             except Exception:
-                log.exception("observer %r raised in %s; ignored", obs, hook)
+                log.exception("observer %r raised in %s; ignored", fn.__self__, hook)
+
+
+_HOOKS = tuple(
+    name for name, value in vars(Observer).items() if name.startswith("on_") and callable(value)
+)

@@ -16,6 +16,7 @@ Groups and cases:
             cancel    JoinStrategy.any(): from the first success to orchestrate() returning
     concurrent instances 1,000 instances of a 3-state workflow vs loky chained in 8 threads
             fairness  a slow workflow's time beside 1,000 quick instances vs alone
+    observe chain+inline with a MetricsObserver, and with INFO logging, vs without
     scheduler lateness 100 ticks of a 50 ms interval flow vs a bare Event.wait loop
             idle      100 flows on 60 s intervals: CPU used over 10 s
             drift     1,000 ticks at 20 ms: lateness of the last tick vs the first
@@ -60,6 +61,7 @@ from cano_mp import (
     FunctionTask,
     JoinConfig,
     JoinStrategy,
+    MetricsObserver,
     ProcessExecutor,
     Scheduler,
     SharedStore,
@@ -907,6 +909,72 @@ def case_fairness(o: Opts) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# observe: the cost of observers and logging
+# ----------------------------------------------------------------------------------------
+
+
+def _chain_flow(executor: Any, states: int, observers: list[Any], name: str) -> Workflow[int]:
+    flow: Workflow[int] = Workflow(start=0, executor=executor, name=name, observers=observers)
+    for s in range(states):
+        flow.register(s, chain_step)
+    return flow.add_exit_state(states)
+
+
+def case_observe(o: Opts) -> None:
+    import io
+    import logging
+
+    n = o.workers
+    header(
+        "observe",
+        f"a {CHAIN}-state pool chain and a {INLINE_STATES}-state inline chain: no observer, a "
+        "MetricsObserver, INFO logging (a formatter writing to memory)",
+    )
+    pool_ex = cano_executor(n)
+    sink = logging.StreamHandler(io.StringIO())
+    sink.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    results: dict[str, dict[str, float]] = {}
+    for label, executor, states in (
+        ("chain", pool_ex, CHAIN),
+        ("inline", "inline", INLINE_STATES),
+    ):
+        plain = _chain_flow(executor, states, [], f"{label}-plain")
+        metered = _chain_flow(executor, states, [MetricsObserver()], f"{label}-metrics")
+        logged = _chain_flow(executor, states, [], f"{label}-logged")
+
+        def with_logging(flow: Workflow[int] = logged, store: Any = None) -> None:
+            root.addHandler(sink)
+            old = root.level
+            root.setLevel(logging.INFO)
+            try:
+                flow.orchestrate(store=store)
+            finally:
+                root.setLevel(old)
+                root.removeHandler(sink)
+                sink.stream.seek(0)
+                sink.stream.truncate()
+
+        with SharedStore() as store:
+            t = measure(
+                {
+                    "plain": lambda f=plain: f.orchestrate(store=store),
+                    "metrics": lambda f=metered: f.orchestrate(store=store),
+                    "logging": lambda f=logged: with_logging(f, store),
+                },
+                o.reps(7),
+                warmup=2,
+            )
+        results[label] = {k: v / states for k, v in t.items()}
+    for label, t in results.items():
+        row(f"{label}: per transition, no observer", fmt_time(t["plain"]))
+        for k, what in (("metrics", "MetricsObserver"), ("logging", "INFO logging")):
+            r = t[k] / t["plain"]
+            row(f"{label}: per transition, {what}", fmt_time(t[k]),
+                f"{(r - 1) * 100:+.1f}% (goal ≤ +10%: {met(r <= 1.10)})")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
 # scheduler: lateness, idle, drift
 # ----------------------------------------------------------------------------------------
 
@@ -1174,6 +1242,7 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "cancel": case_cancel,
     "instances": case_instances,
     "fairness": case_fairness,
+    "observe": case_observe,
     "lateness": case_lateness,
     "idle": case_idle,
     "drift": case_drift,
@@ -1187,9 +1256,15 @@ GROUPS = {
     "batch": ["tiny", "medium", "memory"],
     "concurrent": ["instances", "fairness"],
     "scheduler": ["lateness", "idle", "drift"],
+    "observe": ["observe"],
 }
 GROUPS["all"] = (
-    GROUPS["core"] + GROUPS["split"] + GROUPS["batch"] + GROUPS["concurrent"] + GROUPS["scheduler"]
+    GROUPS["core"]
+    + GROUPS["split"]
+    + GROUPS["batch"]
+    + GROUPS["concurrent"]
+    + GROUPS["scheduler"]
+    + GROUPS["observe"]
 )
 
 
