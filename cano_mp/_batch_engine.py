@@ -52,6 +52,9 @@ log = get_logger("cano_mp.batch")
 # scheduled to send the next) is noise; short enough that the last chunks balance.
 TARGET_CHUNK_SECONDS = 0.1
 MAX_CHUNK_ITEMS = 100_000
+# Items in flight at once, all chunks together (auto chunking): bounds the driver's memory
+# for a generator however many workers there are.
+MAX_ITEMS_IN_FLIGHT = 500_000
 # Bound on the pickled size of one chunk: large items belong in the store (send keys).
 MAX_CHUNK_BYTES = 8 << 20
 # With a known item count, at least this many chunks per worker (load balance).
@@ -63,14 +66,16 @@ WARN_FAILURES = 10
 class ChunkSizer:
     """Chooses chunk sizes: fixed, or from the measured time and size per item."""
 
-    def __init__(self, fixed: int | None, workers: int, total: int | None) -> None:
+    def __init__(
+        self, fixed: int | None, workers: int, total: int | None, in_flight: int = 1
+    ) -> None:
         self.fixed = fixed
         self.size = 1
         self.per_item: float | None = None
         self._seconds = 0.0
         self._items = 0.0
         self.bytes_per_item: float | None = None
-        self.cap = MAX_CHUNK_ITEMS
+        self.cap = max(1, min(MAX_CHUNK_ITEMS, MAX_ITEMS_IN_FLIGHT // max(1, in_flight)))
         if total is not None:
             self.cap = max(1, min(self.cap, math.ceil(total / (workers * MIN_CHUNKS_PER_WORKER))))
 
@@ -196,7 +201,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         finally:
             _set_context(previous)
         sliceable = type(source) in (list, tuple, range)
-        sizer = ChunkSizer(fixed, workers, total)
+        sizer = ChunkSizer(fixed, workers, total, in_flight)
         bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
         call_seq = itertools.count()
 
