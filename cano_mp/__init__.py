@@ -7,8 +7,9 @@ picture. Everything public is importable from here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._batch import BatchTask, ItemFailure
-from ._concurrent import ConcurrentResult, ConcurrentWorkflow, InstanceResult, WaitStrategy
 from ._context import TaskContext, task_context
 from ._engine import RemoteError
 from ._errors import (
@@ -26,15 +27,49 @@ from ._errors import (
 )
 from ._executor import Executor, InlineExecutor
 from ._join import JoinConfig, JoinStrategy, SplitResult
-from ._metrics import MetricsObserver
 from ._observe import Observer, RunInfo
 from ._process import ProcessExecutor
 from ._retry import RetryPolicy, TaskConfig
-from ._scheduler import Backoff, FlowInfo, FlowStatus, Scheduler
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
-from ._trace import TraceRecorder
 from ._workflow import Workflow
+
+if TYPE_CHECKING:
+    from ._concurrent import ConcurrentResult, ConcurrentWorkflow, InstanceResult, WaitStrategy
+    from ._metrics import MetricsObserver
+    from ._scheduler import Backoff, FlowInfo, FlowStatus, Scheduler
+    from ._trace import TraceRecorder
+
+# Imported on first use: they cost import time (croniter, time zones...) that a script
+# running one workflow never needs.
+_LAZY = {
+    "ConcurrentResult": "_concurrent",
+    "ConcurrentWorkflow": "_concurrent",
+    "InstanceResult": "_concurrent",
+    "WaitStrategy": "_concurrent",
+    "MetricsObserver": "_metrics",
+    "Backoff": "_scheduler",
+    "FlowInfo": "_scheduler",
+    "FlowStatus": "_scheduler",
+    "Scheduler": "_scheduler",
+    "TraceRecorder": "_trace",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cano_mp' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"cano_mp.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
