@@ -37,7 +37,6 @@ from typing import Any
 
 import cloudpickle
 
-from ._batch_engine import run_batch_state
 from ._errors import (
     CanoError,
     ConfigError,
@@ -313,6 +312,8 @@ class Run:
             data = snap.data()
             snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
         if entry.batch:
+            from ._batch_engine import run_batch_state  # imported on first use
+
             return run_batch_state(self, entry, snap)
         if entry.join is None and (entry.units[0].config.inline or not self._remote):
             return self._run_inline(entry, snap)
