@@ -67,9 +67,16 @@ class ChunkSizer:
     """Chooses chunk sizes: fixed, or from the measured time and size per item."""
 
     def __init__(
-        self, fixed: int | None, workers: int, total: int | None, in_flight: int = 1
+        self,
+        fixed: int | None,
+        workers: int,
+        total: int | None,
+        in_flight: int = 1,
+        target: float = TARGET_CHUNK_SECONDS,
+        eager: bool = False,
     ) -> None:
         self.fixed = fixed
+        self.target = target
         self.size = 1
         self.per_item: float | None = None
         self._seconds = 0.0
@@ -78,6 +85,8 @@ class ChunkSizer:
         self.cap = max(1, min(MAX_CHUNK_ITEMS, MAX_ITEMS_IN_FLIGHT // max(1, in_flight)))
         if total is not None:
             self.cap = max(1, min(self.cap, math.ceil(total / (workers * MIN_CHUNKS_PER_WORKER))))
+            if eager:  # a high-latency executor: start balanced, not from one item
+                self.size = self.cap
 
     def next(self) -> int:
         if self.fixed is not None:
@@ -95,7 +104,7 @@ class ChunkSizer:
         self._seconds = self._seconds / 2 + seconds
         self._items = self._items / 2 + items
         self.per_item = self._seconds / self._items
-        self.size = max(1, min(MAX_CHUNK_ITEMS, int(TARGET_CHUNK_SECONDS / self.per_item)))
+        self.size = max(1, min(MAX_CHUNK_ITEMS, int(self.target / self.per_item)))
 
     def observe_bytes(self, items: int, nbytes: int) -> None:
         if items > 0:
@@ -150,17 +159,20 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
 
     from ._engine import (
         _INLINE,
-        IN_FLIGHT_PER_WORKER,
         _describe,
         _load_error,
         _tokens,
+        in_flight_per_worker,
     )
 
     inline = cfg.inline or not run._remote
     executor: Executor = _INLINE if inline else run.executor
     remote = not inline
     workers = 1 if inline else executor.max_workers
-    in_flight = 1 if inline else workers * IN_FLIGHT_PER_WORKER
+    in_flight = 1 if inline else workers * in_flight_per_worker(executor)
+    target = getattr(executor, "chunk_seconds", None)
+    if not isinstance(target, float | int) or not target > 0:
+        target = TARGET_CHUNK_SECONDS
     if cap is not None:
         in_flight = min(in_flight, cap)
         workers = min(workers, cap)
@@ -201,7 +213,8 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         finally:
             _set_context(previous)
         sliceable = type(source) in (list, tuple, range)
-        sizer = ChunkSizer(fixed, workers, total, in_flight)
+        eager = bool(getattr(executor, "eager_chunks", False))
+        sizer = ChunkSizer(fixed, workers, total, in_flight, float(target), eager)
         bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
         call_seq = itertools.count()
 

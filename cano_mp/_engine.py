@@ -325,7 +325,7 @@ class Run:
         # Calls beyond what the pool can run only wait in its queue, where they cannot be
         # cancelled cheaply and where their timeouts would already be ticking: keep two per
         # worker in flight (enough to hide the dispatch round trip).
-        limit = float(self.executor.max_workers * IN_FLIGHT_PER_WORKER)
+        limit = float(self.executor.max_workers * in_flight_per_worker(self.executor))
         if join is not None and join.max_parallel:
             limit = min(limit, join.max_parallel)
         timed_out = False
@@ -721,6 +721,13 @@ class Run:
         )
         final.__cause__ = error
         b.error = final
+
+
+def in_flight_per_worker(executor: Any) -> int:
+    """Calls to keep in flight per worker: an executor may say (``in_flight_per_worker``,
+    an optional hint of the Executor protocol; high-latency backends want more)."""
+    hint = getattr(executor, "in_flight_per_worker", None)
+    return hint if isinstance(hint, int) and hint >= 1 else IN_FLIGHT_PER_WORKER
 
 
 def _dumps(data: Any) -> bytes:

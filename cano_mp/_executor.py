@@ -83,6 +83,13 @@ class Call:
 class Executor(Protocol):
     """Where calls run. ``ProcessExecutor`` (loky processes), ``InlineExecutor`` and
     ``cano_mp.dask.DaskExecutor`` implement it; another backend needs these four members.
+
+    Optional extras the engine uses when present: ``progress(future) -> (position,
+    started) | None`` (which item of a BatchTask chunk runs: per-item timeouts and crash
+    blame), ``in_flight_per_worker: int`` (calls kept in flight per worker; default 2) and
+    ``chunk_seconds: float`` (the work an automatic BatchTask chunk aims at; default 0.1) and
+    ``eager_chunks: bool`` (start BatchTask chunks at their balanced size when the item
+    count is known, instead of growing them from one item; default False).
     """
 
     @property

@@ -55,9 +55,7 @@ HELD_SEGMENTS: dict[str, memoryview] = {}
 
 # The segments ``SharedStore.array()`` handed out writable: the only ones whose bytes
 # can change after they were written (``_byvalue`` ships them again with each version).
-WRITABLE_SEGMENTS: weakref.WeakValueDictionary[str, _shm.Segment] = (
-    weakref.WeakValueDictionary()
-)
+WRITABLE_SEGMENTS: weakref.WeakValueDictionary[str, _shm.Segment] = weakref.WeakValueDictionary()
 
 
 def _check_key(key: object) -> str:

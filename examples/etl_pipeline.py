@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cano_mp import (
+    Executor,
     JoinConfig,
     JoinStrategy,
     Observer,
@@ -187,13 +188,25 @@ class StateTimer(Observer):
         self._last = (state, now)
 
 
-def build(workers: int | None = None, timer: StateTimer | None = None) -> Workflow[Step]:
-    """The pipeline; ``cano-mp run examples/etl_pipeline.py:build`` runs it too."""
-    n = workers or ProcessExecutor().max_workers
+def build(
+    workers: int | None = None,
+    timer: StateTimer | None = None,
+    executor: Executor | None = None,
+) -> Workflow[Step]:
+    """The pipeline; ``cano-mp run examples/etl_pipeline.py:build`` runs it too.
+
+    ``executor``: where the tasks run (default: a pool of ``workers`` processes);
+    ``examples/dask_cluster.py`` passes a Dask one.
+    """
+    if executor is None:
+        n = workers or ProcessExecutor().max_workers
+        executor = ProcessExecutor(max_workers=n)
+    else:
+        n = workers or executor.max_workers
     flow: Workflow[Step] = Workflow(
         start=Step.GENERATE,
         name="etl",
-        executor=ProcessExecutor(max_workers=n),
+        executor=executor,
         observers=[timer] if timer else [],
     )
     step = -(-SENSORS // n)

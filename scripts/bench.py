@@ -17,6 +17,7 @@ Groups and cases:
     concurrent instances 1,000 instances of a 3-state workflow vs loky chained in 8 threads
             fairness  a slow workflow's time beside 1,000 quick instances vs alone
     observe chain+inline with a MetricsObserver, and with INFO logging, vs without
+    dask    dask      fanout and batch tiny on a 2-worker LocalCluster vs client.map (extra dask)
     scheduler lateness 100 ticks of a 50 ms interval flow vs a bare Event.wait loop
             idle      100 flows on 60 s intervals: CPU used over 10 s
             drift     1,000 ticks at 20 ms: lateness of the last tick vs the first
@@ -974,6 +975,13 @@ def case_observe(o: Opts) -> None:
                 f"{(r - 1) * 100:+.1f}% (goal ≤ +10%: {met(r <= 1.10)})")  # fmt: skip
 
 
+def _case_dask(o: Opts) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_dask import case_dask  # here, not at the top: it imports this module back
+
+    case_dask(o)
+
+
 # ----------------------------------------------------------------------------------------
 # scheduler: lateness, idle, drift
 # ----------------------------------------------------------------------------------------
@@ -1243,6 +1251,7 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "instances": case_instances,
     "fairness": case_fairness,
     "observe": case_observe,
+    "dask": lambda o: _case_dask(o),
     "lateness": case_lateness,
     "idle": case_idle,
     "drift": case_drift,
@@ -1257,6 +1266,7 @@ GROUPS = {
     "concurrent": ["instances", "fairness"],
     "scheduler": ["lateness", "idle", "drift"],
     "observe": ["observe"],
+    "dask": ["dask"],
 }
 GROUPS["all"] = (
     GROUPS["core"]

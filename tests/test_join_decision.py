@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from fractions import Fraction
 
 import pytest
@@ -28,7 +29,13 @@ def needed(strategy: JoinStrategy, total: int) -> int:
         assert strategy.n is not None
         return strategy.n
     assert strategy.p is not None
-    return math.ceil(Fraction(str(strategy.p)) * total)
+    # The exact value of the float p times total, rounded up; within a few ulps of an
+    # integer it is that integer (1/11 of 11 branches is 1, not 2).
+    exact = Fraction(strategy.p) * total
+    k = round(exact)
+    if abs(exact - k) <= Fraction(4 * sys.float_info.epsilon) * max(1, k):
+        return max(1, k)
+    return max(1, math.ceil(exact))
 
 
 def expected(strategy: JoinStrategy, ok: int, failed: int, pending: int, timed_out: bool) -> str:
