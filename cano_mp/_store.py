@@ -419,6 +419,12 @@ class SharedStore:
                     current = self.get(key, _MISSING)
                     item = decode(op[2], _read_once)
                     self._set(key, self._encode(key, _appended(key, current, [item])))
+                    # the item was copied into the new list's segments: free its own
+                    for path, _ in all_refs(op[2]):
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
                 elif kind == "clear":
                     self._entries = {}
                     self._bump()

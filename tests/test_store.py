@@ -281,3 +281,28 @@ def test_fallback_to_disk_when_shared_memory_is_full(
     assert len(files) == 1 and not files[0].startswith("/dev/shm")
     assert np.array_equal(store["arr"], np.ones(500_000))
     assert "lacks room" in caplog.text
+
+
+def test_appending_a_large_item_in_a_task_leaves_only_the_lists_segments(
+    executor: object,
+) -> None:
+    np = pytest.importorskip("numpy")
+    from enum import Enum
+
+    from cano_mp import Workflow
+
+    class S(Enum):
+        A = 1
+        DONE = 2
+
+    def add(store: SharedStore) -> S:
+        store.append("parts", np.ones(100_000))
+        return S.DONE
+
+    with SharedStore() as store:
+        flow = Workflow(executor=executor).register(S.A, add).add_exit_state(S.DONE)
+        for _ in range(3):
+            flow.orchestrate(S.A, store=store)
+        assert len(store["parts"]) == 3
+        live = {p for e in store._entries.values() for seg in e[1] for p in [seg.path]}
+        assert set(segment_files(store)) == live
