@@ -139,6 +139,9 @@ def test_private_pool_closes_its_workers() -> None:
 SCRIPT_PRELUDE = textwrap.dedent(
     """
     import os, sys, time, signal, threading
+    # Ctrl-C raises KeyboardInterrupt even when the test runner was started with SIGINT
+    # ignored (a background job of a non-interactive shell): Python then installs no handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from enum import Enum, auto
     import numpy as np
     from cano_mp import Workflow, SharedStore, TaskConfig, ProcessExecutor
