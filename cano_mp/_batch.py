@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import cloudpickle
 
 from . import _context
+from ._codec import error_payload
 from ._context import _LazyContext, _set_context
 from ._retry import TaskConfig
 from ._store import ReadOnlyStore, SnapshotData
@@ -156,15 +157,6 @@ _CANCEL_CHECK_EVERY = 64
 _CANCEL_CHECK_SECONDS = 0.01
 
 
-def _error_payload(exc: BaseException, remote: bool) -> Any:
-    if not remote:
-        return exc
-    try:
-        return cloudpickle.dumps(exc)
-    except Exception:
-        return ("unpicklable", type(exc).__qualname__, str(exc))
-
-
 def _pack_results(results: list[Any], failures: list[tuple[Any, ...]]) -> bytes:
     try:
         return bytes(cloudpickle.dumps((results, failures)))
@@ -177,7 +169,7 @@ def _pack_results(results: list[Any], failures: list[tuple[Any, ...]]) -> bytes:
         except Exception as exc:
             results[k] = None
             err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
-            failures.append((k, "err", _error_payload(err, True), None))
+            failures.append((k, "err", error_payload(err, True), None))
     return bytes(cloudpickle.dumps((results, failures)))
 
 
@@ -236,7 +228,7 @@ def run_batch_chunk(
                     except BaseException as exc:
                         out(None)
                         tb = traceback.format_exc()
-                        failures.append((k, "err", _error_payload(exc, remote), tb))
+                        failures.append((k, "err", error_payload(exc, remote), tb))
                 if control():
                     break
                 took = time.monotonic() - t0
@@ -261,7 +253,7 @@ def run_batch_chunk(
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:
-                    failures.append((k, "err", _error_payload(exc, remote), traceback.format_exc()))
+                    failures.append((k, "err", error_payload(exc, remote), traceback.format_exc()))
                 else:
                     if time.monotonic_ns() - t0_ns > limit_ns:
                         failures.append((k, "timeout", None, None))

@@ -21,7 +21,15 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["INLINE_BUFFER_MAX", "INLINE_PAYLOAD_MAX", "Encoded", "Ref", "decode", "encode"]
+__all__ = [
+    "INLINE_BUFFER_MAX",
+    "INLINE_PAYLOAD_MAX",
+    "Encoded",
+    "Ref",
+    "decode",
+    "encode",
+    "error_payload",
+]
 
 # Buffers below this size stay inside the pickle: a segment costs a file, an mmap and a
 # few syscalls to read (~20 µs), which only pays off for large buffers.
@@ -87,6 +95,17 @@ def decode(enc: Encoded, mapper: Mapper) -> Any:
     if refs:
         return pickle.loads(data, buffers=[mapper(r) for r in refs])
     return pickle.loads(data)
+
+
+def error_payload(exc: BaseException, remote: bool) -> Any:
+    """A task's exception as it travels back from a call: itself (inline), its cloudpickle
+    bytes (remote), or ``("unpicklable", type name, message)``."""
+    if not remote:
+        return exc
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:
+        return ("unpicklable", type(exc).__qualname__, str(exc))
 
 
 def all_refs(enc: Encoded) -> tuple[Ref, ...]:

@@ -22,9 +22,8 @@ import traceback
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import cloudpickle
-
 from . import _context
+from ._codec import error_payload
 from ._context import TaskContext, _set_context
 from ._store import SnapshotData, TaskStore
 from ._task import Node, Task
@@ -88,15 +87,6 @@ def execute_unit(unit: Any, store: TaskStore) -> Any:
     return unit(store)
 
 
-def _error_payload(exc: BaseException, remote: bool) -> Any:
-    if not remote:
-        return exc
-    try:
-        return cloudpickle.dumps(exc)
-    except Exception:
-        return ("unpicklable", type(exc).__qualname__, str(exc))
-
-
 def run_unit_call(
     cancelled: Callable[[], bool],
     spec: UnitSpec,
@@ -120,7 +110,7 @@ def run_unit_call(
     except Exception as exc:
         store._finish(False)
         tb = traceback.format_exc()
-        return ("err", _error_payload(exc, remote), tb, pid, started, time.time())
+        return ("err", error_payload(exc, remote), tb, pid, started, time.time())
     except BaseException:
         store._finish(False)
         raise
@@ -132,7 +122,7 @@ def run_unit_call(
     except Exception as exc:
         return (
             "err",
-            _error_payload(exc, remote),
+            error_payload(exc, remote),
             traceback.format_exc(),
             pid,
             started,
