@@ -101,8 +101,9 @@ def _emit_remote(payload: dict[str, Any]) -> None:
         tags = payload.pop("cano_tags", {}) or {}
         record = logging.makeLogRecord(payload)
         record.args = None
+        item = f" item {tags['item']}," if tags.get("item") is not None else ""
         record.msg = (
-            f"[{tags.get('task')} of {tags.get('state')}, attempt {tags.get('attempt')}, "
+            f"[{tags.get('task')} of {tags.get('state')},{item} attempt {tags.get('attempt')}, "
             f"worker {payload.get('process')}] {payload['msg']}"
         )
         for k, v in tags.items():

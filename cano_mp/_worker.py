@@ -164,6 +164,9 @@ class _Forward(logging.Handler):
         tags = _context.log_tags
         if tags is None:
             return  # not from a task
+        ctx = getattr(_context._local, "ctx", None)
+        if isinstance(ctx, _context._LazyContext):  # a BatchTask item: say which
+            tags = {**tags, "item": ctx.build().index}
         try:
             message = record.getMessage()
         except Exception:

@@ -286,3 +286,30 @@ def test_a_raising_observer_never_breaks_a_run(pool: ProcessExecutor, store: Sha
 
     flow = Workflow(executor=pool, observers=[Broken()]).register(S.A, quick)
     assert flow.add_exit_state(S.DONE).orchestrate(S.A, store=store) is S.DONE
+
+
+def test_log_records_of_batch_items_name_the_item(
+    pool: ProcessExecutor, store: SharedStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cano_mp import BatchTask
+
+    class Noisy(BatchTask[S, int, int]):
+        chunk_size = 4
+
+        def load(self, store: SharedStore) -> range:
+            return range(6)
+
+        def process(self, item: int) -> int:
+            if item == 5:
+                logging.getLogger("user.batch").warning("odd one: %d", item)
+            return item
+
+        def finish(self, store: SharedStore, results: list[int]) -> S:
+            return S.DONE
+
+    caplog.set_level(logging.INFO)
+    flow = Workflow(executor=pool).register(S.A, Noisy()).add_exit_state(S.DONE)
+    flow.orchestrate(S.A, store=store)
+    [record] = [r for r in caplog.records if r.name == "user.batch"]
+    assert "[Noisy of A, item 5, attempt 1, worker " in record.getMessage()
+    assert record.item == 5 and record.task == "Noisy"  # type: ignore[attr-defined]
