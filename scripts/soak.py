@@ -183,7 +183,8 @@ def main() -> int:
     sched = build(executor, crashes)
     me = psutil.Process()
     total = args.minutes * 60
-    warmup = min(60.0, max(15.0, total * 0.2))
+    # warm-up: imports, caches and pools settle; half of a short run, a fifth of a long one
+    warmup = total * 0.5 if total <= 120 else min(60.0, max(15.0, total * 0.2))
     rng = random.Random(0)
     kills = 0
     stop = threading.Event()
