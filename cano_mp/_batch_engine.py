@@ -119,7 +119,6 @@ class _Chunk:
     items: Sequence[Any]
     attempt: int
     future: Future[Any] | None = None
-    executor: Executor | None = None
     submitted: float = 0.0
     check_at: float | None = None  # when to look at its items' timeouts next
     quota: bool = False
@@ -127,10 +126,8 @@ class _Chunk:
 
 @dataclass(eq=False)
 class _Batch:
-    run: Run
-    entry: StateEntry
-    snap: Snapshot
-    unit: BatchTask[Any, Any, Any] = field(init=False)
+    """Where the items of one batch are."""
+
     results: list[Any] = field(default_factory=list)
     running: set[_Chunk] = field(default_factory=set)
     stopping: set[_Chunk] = field(default_factory=set)  # timed out, not stopped yet
@@ -196,7 +193,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         err.__cause__ = exc
         return err
 
-    b = _Batch(run, entry, snap)
+    b = _Batch()
     source: Any = None
     it: Iterator[Any] | None = None
     bar = None
@@ -373,7 +370,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     continue
                 if fixed is None:
                     sizer.observe(len(ch.items), out[4] - out[3])
-                if obs:
+                if obs.wants("on_task_timing"):
                     obs.emit(
                         "on_task_timing",
                         run.info,
@@ -432,8 +429,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                         continue
                 b.running.discard(ch)
                 b.stopping.add(ch)  # holds its pool slot until it has stopped
-                if ch.executor is not None:
-                    ch.executor.cancel(fut, run.cancel_grace)
+                executor.cancel(fut, run.cancel_grace)
                 charge(ch, position, timed_out)
                 ch.items = []
 
@@ -473,7 +469,6 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                 sizer.observe_bytes(len(ch.items), len(payload))
             first: Any = ch.indices.start if isinstance(ch.indices, range) else ch.indices
             args = (payload, first, ch.attempt, cfg.timeout, run.run_id, token, remote)
-            ch.executor = executor
             ch.submitted = time.monotonic()
             ch.check_at = ch.submitted + cfg.timeout if cfg.timeout is not None else None
             fut: Future[Any]
@@ -588,8 +583,8 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         error = exc
         grace = run.stop_grace(exc)
         for ch in b.running:
-            if ch.future is not None and ch.executor is not None:
-                ch.executor.cancel(ch.future, grace)
+            if ch.future is not None:
+                executor.cancel(ch.future, grace)
         b.running.clear()
         view._finish(False)
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,7 +13,7 @@ from ._log import get_logger
 if TYPE_CHECKING:
     from ._join import SplitResult
 
-__all__ = ["Observer", "RunInfo"]
+__all__ = ["AttemptObserver", "Observer", "Observers", "RunInfo"]
 
 log = get_logger("cano_mp.observe")
 
@@ -91,6 +93,83 @@ class Observer:
         duration: float,
     ) -> None:
         """A run ended: ``final_state`` on success, ``error`` on failure."""
+
+
+class AttemptObserver(Observer):
+    """Base of observers that report each task attempt once, complete, with its best
+    timing: the worker's own start and end when the attempt returned (``on_task_timing``),
+    the driver's view when it crashed, was killed or cancelled. A BatchTask chunk (timing
+    only, no start/end hooks) is an attempt too. Subclasses implement :meth:`on_attempt`;
+    one that overrides ``on_task_start``, ``on_task_timing`` or ``on_task_end`` must call
+    ``super()``.
+    """
+
+    def __init__(self) -> None:
+        self._attempt_lock = threading.Lock()
+        self._started: dict[tuple[str, str, int], float] = {}
+        self._timed: dict[tuple[str, str, int], tuple[int, float, float]] = {}
+
+    def on_attempt(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        *,
+        pid: int | None,
+        started: float,
+        ended: float,
+        error: BaseException | None,
+    ) -> None:
+        """One attempt, from ``started`` to ``ended`` (``time.time()`` seconds); ``pid`` is
+        the process that ran it, ``None`` when only the driver's view is known."""
+
+    def on_task_start(self, run: RunInfo, state: Any, task_name: str, attempt: int) -> None:
+        with self._attempt_lock:
+            self._started[(run.run_id, task_name, attempt)] = time.time()
+
+    def on_task_timing(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        *,
+        pid: int,
+        started: float,
+        ended: float,
+    ) -> None:
+        key = (run.run_id, task_name, attempt)
+        with self._attempt_lock:
+            known = key in self._started
+            if known:
+                self._timed[key] = (pid, started, ended)
+        if not known:  # a BatchTask chunk: no start/end hooks of its own
+            self.on_attempt(
+                run, state, task_name, attempt, pid=pid, started=started, ended=ended, error=None
+            )
+
+    def on_task_end(
+        self,
+        run: RunInfo,
+        state: Any,
+        task_name: str,
+        attempt: int,
+        *,
+        error: BaseException | None,
+        duration: float,
+    ) -> None:
+        key = (run.run_id, task_name, attempt)
+        now = time.time()
+        with self._attempt_lock:
+            started = self._started.pop(key, now - duration)
+            timed = self._timed.pop(key, None)
+        pid: int | None = None
+        if timed is not None:
+            pid, started, now = timed
+        self.on_attempt(
+            run, state, task_name, attempt, pid=pid, started=started, ended=now, error=error
+        )
 
 
 class Observers:

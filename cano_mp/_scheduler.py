@@ -171,7 +171,6 @@ class _Flow:
     grid: IntervalGrid | None = None
     next_due: float | None = None  # monotonic
     next_due_wall: datetime | None = None  # the grid / cron time it stands for
-    due_cron: datetime | None = None
     manual_pending: int = 0
     queued: bool = False
     running: set[Any] = field(default_factory=set)  # Run / _Execution objects
@@ -609,7 +608,6 @@ class Scheduler:
         elif flow.kind == "cron":
             assert flow.cron is not None
             due = flow.cron.next_after(wall)
-            flow.due_cron = due
             flow.next_due_wall = due
             flow.next_due = mono + (due - wall).total_seconds()
 
@@ -638,13 +636,12 @@ class Scheduler:
             if flow.tripped or flow.next_due is None:
                 continue
             if flow.kind == "cron":
-                assert flow.due_cron is not None and flow.cron is not None
-                if wall >= flow.due_cron:
-                    self._due(flow, mono, mono - (wall - flow.due_cron).total_seconds())
-                    due = flow.cron.next_after(max(wall, flow.due_cron))
-                    flow.due_cron = due
-                    flow.next_due_wall = due
-                flow.next_due = mono + (flow.due_cron - wall).total_seconds()
+                due = flow.next_due_wall
+                assert due is not None and flow.cron is not None
+                if wall >= due:
+                    self._due(flow, mono, mono - (wall - due).total_seconds())
+                    due = flow.next_due_wall = flow.cron.next_after(max(wall, due))
+                flow.next_due = mono + (due - wall).total_seconds()
                 wait = min(flow.next_due - mono, CRON_RECHECK)
             else:
                 assert flow.grid is not None
@@ -721,29 +718,37 @@ class Scheduler:
     # -- a run (in a run-pool thread) --------------------------------------------------
     def _run_flow(self, flow: _Flow, due: float) -> None:
         started = time.monotonic()
+        # Stores are made (directories created) outside the scheduler's lock.
+        owned = flow.store is None and flow.instances is None
+        store = SharedStore() if owned else flow.store
+        runner: Run | _Execution[Any]
+        if flow.instances is not None:
+            cw = ConcurrentWorkflow(
+                flow.workflow, max_concurrency=flow.max_concurrency, progress=False
+            )
+            runner = cw._prepare(flow.instances, flow.initial, flow.wait)
+        else:
+            runner = flow.workflow._new_run(store)
         with self._lock:
             flow.waiting -= 1
             if self._stopping:
                 self._idle.notify_all()
-                return
-            self.lateness.append(started - due)
-            store = flow.store
-            owned = store is None and flow.instances is None
-            if owned:
-                store = SharedStore()
-            runner: Run | _Execution[Any]
-            if flow.instances is not None:
-                cw = ConcurrentWorkflow(
-                    flow.workflow, max_concurrency=flow.max_concurrency, progress=False
-                )
-                runner = cw._prepare(flow.instances, flow.initial, flow.wait)
+                stopping = True
             else:
-                runner = flow.workflow._new_run(store)
-            flow.running.add(runner)
-            flow.run_count += 1
-            number = flow.run_count
-            flow.status = FlowStatus.RUNNING
-            flow.last_run = _wall_now()
+                stopping = False
+                self.lateness.append(started - due)
+                flow.running.add(runner)
+                flow.run_count += 1
+                number = flow.run_count
+                flow.status = FlowStatus.RUNNING
+                flow.last_run = _wall_now()
+        if stopping:  # the run never starts: give back what was made for it
+            if owned and store is not None:
+                store.close()
+            if isinstance(runner, _Execution):
+                for made in runner.owned:
+                    made.close()
+            return
         error: BaseException | None = None
         outcome = "completed"
         try:

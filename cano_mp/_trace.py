@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from ._observe import Observer, RunInfo
+from ._observe import AttemptObserver, RunInfo
 
 __all__ = ["TraceRecorder"]
 
@@ -20,7 +20,7 @@ def _label(state: Any) -> str:
     return state.name if isinstance(state, enum.Enum) else str(state)
 
 
-class TraceRecorder(Observer):
+class TraceRecorder(AttemptObserver):
     """Records a timeline; :meth:`save` writes it as trace-event JSON.
 
     Args:
@@ -37,16 +37,16 @@ class TraceRecorder(Observer):
     def __init__(
         self, path: str | os.PathLike[str] | None = None, *, max_events: int = 1_000_000
     ) -> None:
+        super().__init__()
         self.path = None if path is None else os.fspath(path)
         self.max_events = max_events
         self._lock = threading.Lock()
         self._events: list[dict[str, Any]] = []
         self._driver = os.getpid()
         self._state_open: dict[str, tuple[str, float]] = {}  # run id -> (state, start us)
-        self._timing: dict[tuple[str, str, int], tuple[int, float, float]] = {}
-        self._pending: dict[tuple[str, str, int], float] = {}  # attempt -> driver start us
         self._run_tids: dict[str, int] = {}
-        self._named: set[tuple[int, int]] = set()
+        self._named: set[tuple[int, int]] = set()  # (pid, tid) with a thread_name event
+        self._processes: set[int] = set()  # worker pids with a process_name event
 
     @staticmethod
     def _now_us() -> float:
@@ -92,70 +92,21 @@ class TraceRecorder(Observer):
             self._close_state(run, now)
             self._state_open[run.run_id] = (_label(state), now)
 
-    def on_task_start(self, run: RunInfo, state: Any, task_name: str, attempt: int) -> None:
-        with self._lock:
-            self._pending[(run.run_id, task_name, attempt)] = self._now_us()
-
-    def on_task_timing(
+    def on_attempt(
         self,
         run: RunInfo,
         state: Any,
         task_name: str,
         attempt: int,
         *,
-        pid: int,
+        pid: int | None,
         started: float,
         ended: float,
-    ) -> None:
-        key = (run.run_id, task_name, attempt)
-        with self._lock:
-            if key in self._pending:
-                self._timing[key] = (pid, started * 1e6, ended * 1e6)
-            else:  # a BatchTask chunk: no start/end hooks of its own
-                self._slice(run, state, task_name, attempt, pid, started * 1e6, ended * 1e6, None)
-
-    def on_task_end(
-        self,
-        run: RunInfo,
-        state: Any,
-        task_name: str,
-        attempt: int,
-        *,
-        error: BaseException | None,
-        duration: float,
-    ) -> None:
-        key = (run.run_id, task_name, attempt)
-        now = self._now_us()
-        with self._lock:
-            start = self._pending.pop(key, now - duration * 1e6)
-            timing = self._timing.pop(key, None)
-            if timing is not None:
-                pid, t0, t1 = timing
-            else:  # crashed, killed or cancelled: the driver's view
-                pid, t0, t1 = self._driver, start, now
-            self._slice(run, state, task_name, attempt, pid, t0, t1, error)
-
-    def _slice(
-        self,
-        run: RunInfo,
-        state: Any,
-        task_name: str,
-        attempt: int,
-        pid: int,
-        t0: float,
-        t1: float,
         error: BaseException | None,
     ) -> None:
+        pid = self._driver if pid is None else pid
         worker = pid != self._driver
         tid = pid if worker else 0
-        if worker:
-            if (pid, -1) not in self._named:
-                self._named.add((pid, -1))
-                self._add({"ph": "M", "name": "process_name", "pid": pid,
-                           "args": {"name": f"cano_mp worker {pid}"}})  # fmt: skip
-            self._thread_name(pid, tid, f"worker {pid}")
-        else:
-            self._thread_name(pid, tid, "inline tasks")
         args: dict[str, Any] = {
             "run_id": run.run_id,
             "workflow": run.workflow,
@@ -169,14 +120,20 @@ class TraceRecorder(Observer):
             "cat": "task",
             "pid": pid,
             "tid": tid,
-            "ts": t0,
-            "dur": max(0.0, t1 - t0),
+            "ts": started * 1e6,
+            "dur": max(0.0, ended - started) * 1e6,
             "args": args,
         }
         if error is not None:
             args["error"] = f"{type(error).__name__}: {error}"
             event["cname"] = "terrible"
-        self._add(event)
+        with self._lock:
+            if worker and pid not in self._processes:
+                self._processes.add(pid)
+                self._add({"ph": "M", "name": "process_name", "pid": pid,
+                           "args": {"name": f"cano_mp worker {pid}"}})  # fmt: skip
+            self._thread_name(pid, tid, f"worker {pid}" if worker else "inline tasks")
+            self._add(event)
 
     def on_workflow_end(
         self, run: RunInfo, *, final_state: Any, error: BaseException | None, duration: float

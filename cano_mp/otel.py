@@ -19,7 +19,7 @@ import enum
 import threading
 from typing import Any
 
-from ._observe import Observer, RunInfo
+from ._observe import AttemptObserver, RunInfo
 
 try:
     from opentelemetry import trace
@@ -34,7 +34,7 @@ def _label(state: Any) -> str:
     return state.name if isinstance(state, enum.Enum) else str(state)
 
 
-class OpenTelemetryObserver(Observer):
+class OpenTelemetryObserver(AttemptObserver):
     """Emits OpenTelemetry spans for runs, states and task attempts.
 
     Args:
@@ -45,12 +45,11 @@ class OpenTelemetryObserver(Observer):
     def __init__(
         self, tracer_provider: TracerProvider | None = None, name: str = "cano_mp"
     ) -> None:
+        super().__init__()
         self._tracer: Tracer = trace.get_tracer(name, tracer_provider=tracer_provider)
         self._lock = threading.Lock()
         self._runs: dict[str, Span] = {}
         self._states: dict[str, Span] = {}
-        self._attempts: dict[tuple[str, str, int], tuple[Span | None, int]] = {}
-        self._timing: dict[tuple[str, str, int], tuple[int, float, float]] = {}
 
     def _attrs(self, run: RunInfo, **more: Any) -> dict[str, Any]:
         return {"cano_mp.workflow": run.workflow, "cano_mp.run_id": run.run_id, **more}
@@ -75,35 +74,18 @@ class OpenTelemetryObserver(Observer):
         with self._lock:
             self._states[run.run_id] = span
 
-    def on_task_start(self, run: RunInfo, state: Any, task_name: str, attempt: int) -> None:
-        import time
-
-        with self._lock:
-            self._attempts[(run.run_id, task_name, attempt)] = (None, time.time_ns())
-
-    def on_task_timing(
+    def on_attempt(
         self,
         run: RunInfo,
         state: Any,
         task_name: str,
         attempt: int,
         *,
-        pid: int,
+        pid: int | None,
         started: float,
         ended: float,
+        error: BaseException | None,
     ) -> None:
-        key = (run.run_id, task_name, attempt)
-        with self._lock:
-            known = key in self._attempts
-            if known:
-                self._timing[key] = (pid, started, ended)
-        if not known:  # a BatchTask chunk
-            span = self._task_span(run, state, task_name, attempt, int(started * 1e9), pid)
-            span.end(end_time=int(ended * 1e9))
-
-    def _task_span(
-        self, run: RunInfo, state: Any, task_name: str, attempt: int, start_ns: int, pid: int | None
-    ) -> Span:
         with self._lock:
             parent = self._states.get(run.run_id) or self._runs.get(run.run_id)
         ctx = trace.set_span_in_context(parent) if parent is not None else None
@@ -117,36 +99,16 @@ class OpenTelemetryObserver(Observer):
         )
         if pid is not None:
             attrs["process.pid"] = pid
-        return self._tracer.start_span(
-            f"cano_mp.task {task_name}", context=ctx, attributes=attrs, start_time=start_ns
+        span = self._tracer.start_span(
+            f"cano_mp.task {task_name}",
+            context=ctx,
+            attributes=attrs,
+            start_time=int(started * 1e9),
         )
-
-    def on_task_end(
-        self,
-        run: RunInfo,
-        state: Any,
-        task_name: str,
-        attempt: int,
-        *,
-        error: BaseException | None,
-        duration: float,
-    ) -> None:
-        import time
-
-        key = (run.run_id, task_name, attempt)
-        with self._lock:
-            _, driver_start = self._attempts.pop(key, (None, time.time_ns()))
-            timing = self._timing.pop(key, None)
-        if timing is not None:
-            pid, t0, t1 = timing
-            start_ns, end_ns, span_pid = int(t0 * 1e9), int(t1 * 1e9), pid
-        else:
-            start_ns, end_ns, span_pid = driver_start, time.time_ns(), None
-        span = self._task_span(run, state, task_name, attempt, start_ns, span_pid)
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        span.end(end_time=end_ns)
+        span.end(end_time=int(ended * 1e9))
 
     def on_retry(
         self,

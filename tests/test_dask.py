@@ -550,24 +550,9 @@ def test_nothing_is_left_in_shared_memory_after_the_store_closes(executor: DaskE
 
 
 def test_the_dask_cluster_example_runs(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+    from .examples_run import run_example
 
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(root / "examples" / "dask_cluster.py"),
-            "--size",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "finished in DONE" in out.stdout
+    stdout = run_example("dask_cluster.py", "--size", "2", "--out", str(tmp_path), timeout=300)
+    assert "finished in DONE" in stdout
     lines = (tmp_path / "report.csv").read_text().splitlines()
     assert lines[0].startswith("sensor,rows,mean") and len(lines) == 65

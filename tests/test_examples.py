@@ -7,32 +7,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .examples_run import run_example
 
 
 def test_etl_demo_runs_and_writes_its_report(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "etl_pipeline.py"),
-            "--size",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "finished in DONE" in out.stdout
+    stdout = run_example("etl_pipeline.py", "--size", "2", "--out", str(tmp_path), timeout=300)
+    assert "finished in DONE" in stdout
     report = tmp_path / "report.csv"
     assert report.exists()
     lines = report.read_text().splitlines()
     assert lines[0].startswith("sensor,rows,mean")
     assert len(lines) == 65  # header + 64 sensors
     for state in ("GENERATE", "PARSE", "CLEAN", "TRANSFORM", "REPORT"):
-        assert state in out.stdout
+        assert state in stdout
 
 
 def test_tasks_defined_in_a_scripts_main_run_in_workers(tmp_path: Path) -> None:

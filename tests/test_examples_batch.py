@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .examples_run import run_example
 
 
 def run(out: Path) -> list[str]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "batch_etl.py"),
-            "--files",
-            "60",
-            "--rows",
-            "500",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=EXAMPLES.parent,
-    )
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout.splitlines()
+    return run_example(
+        "batch_etl.py", "--files", "60", "--rows", "500", "--out", str(out)
+    ).splitlines()
 
 
 def test_batch_etl_collects_the_corrupt_file_and_reports_the_rest(tmp_path: Path) -> None:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .examples_run import run_example
 
 
 def run(*args: str) -> list[str]:
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "concurrent_instances.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=EXAMPLES.parent,
-    )
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout.splitlines()
+    return run_example("concurrent_instances.py", *args).splitlines()
 
 
 def test_every_partition_is_an_instance_and_the_corrupt_one_fails_alone() -> None:
