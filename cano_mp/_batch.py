@@ -23,6 +23,7 @@ import cloudpickle
 from . import _context
 from ._codec import error_payload
 from ._context import _LazyContext, _set_context
+from ._errors import Terminated
 from ._retry import TaskConfig
 from ._store import ReadOnlyStore, SnapshotData
 
@@ -223,7 +224,7 @@ def run_batch_chunk(
                     pos[0] = k
                     try:
                         out(process(item))
-                    except KeyboardInterrupt:
+                    except (KeyboardInterrupt, Terminated):
                         raise
                     except BaseException as exc:
                         out(None)
@@ -250,7 +251,7 @@ def run_batch_chunk(
                     pos[0] = k
                 try:
                     value = process(items[k])
-                except KeyboardInterrupt:
+                except (KeyboardInterrupt, Terminated):
                     raise
                 except BaseException as exc:
                     failures.append((k, "err", error_payload(exc, remote), traceback.format_exc()))

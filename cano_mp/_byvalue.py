@@ -25,7 +25,6 @@ the bytes between machines is the executor's job (``cano_mp.dask``).
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -109,11 +108,7 @@ def value_snapshot(data: SnapshotData) -> ValueSnapshot:
 
 def read_segment(ref: Ref) -> bytes:
     """The bytes of a segment file (driver side: to send them by value)."""
-    with open(ref[0], "rb") as f:
-        data = f.read(ref[1])
-    if len(data) != ref[1]:
-        raise OSError(f"segment {ref[0]} holds {len(data)} bytes, expected {ref[1]}")
-    return data
+    return _shm.read_segment_bytes(ref[0], ref[1])
 
 
 # -- worker side -----------------------------------------------------------------------------
@@ -132,10 +127,7 @@ def worker_dirs() -> tuple[str | None, str]:
     global _dirs
     if _dirs is None:
         _shm.run_janitor()
-        shm: str | None = None
-        if os.path.isdir(_shm.SHM_ROOT) and os.access(_shm.SHM_ROOT, os.W_OK):
-            shm = _shm._process_dir(_shm.SHM_ROOT)
-        _dirs = (shm, _shm._process_dir(tempfile.gettempdir()))
+        _dirs = _shm.segment_dirs(f"w{os.getpid()}")
     return _dirs
 
 
@@ -215,8 +207,7 @@ def unpack_log(
             if not name or name.startswith(".") or name != path.rsplit("/", 1)[-1]:
                 raise ValueError(f"unexpected segment name {path!r} in a write log")
             view = _as_view(buf)
-            target = os.path.join(_shm.choose_dir(dirs, view.nbytes), name)
-            _shm.write_segment(target, view)
+            target = _shm.write_segment(dirs, name, view)
             written[path] = (target, view.nbytes)
     except BaseException:
         for ref in written.values():

@@ -76,10 +76,15 @@ def encode(value: Any, write: Writer, known: Known | None = None) -> Encoded:
 
     def on_buffer(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
+        # An array from store.array() stays a reference to its segment whatever its size:
+        # its owner keeps filling it in place, and a copy taken now would hold zeros.
+        ref = known(raw) if known is not None and not raw.readonly else None
+        if ref is not None:
+            refs.append(ref)
+            return False
         if raw.nbytes < INLINE_BUFFER_MAX:
             return True  # keep in band
-        ref = known(raw) if known is not None else None
-        refs.append(ref if ref is not None else write(raw))
+        refs.append(write(raw))
         return False
 
     payload = cloudpickle.dumps(_contiguous(value), protocol=5, buffer_callback=on_buffer)

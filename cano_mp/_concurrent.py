@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._engine import Run, RunCancelled, _describe
-from ._errors import ConfigError
+from ._errors import ConfigError, Terminated
 from ._progress import progress_bar
 from ._retry import to_seconds
 from ._store import SharedStore
@@ -399,7 +399,7 @@ class _Execution(Generic[S]):
                         bar.update(self.done - shown)
                         shown = self.done
         except BaseException as exc:
-            self.cancel(0.0 if isinstance(exc, KeyboardInterrupt) else None)
+            self.cancel(0.0 if isinstance(exc, (KeyboardInterrupt, Terminated)) else None)
             for t in threads:
                 t.join()
             if bar is not None:

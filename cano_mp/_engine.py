@@ -37,6 +37,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _signals
 from ._errors import (
     CanoError,
     ConfigError,
@@ -44,6 +45,7 @@ from ._errors import (
     TaskCancelled,
     TaskError,
     TaskTimeout,
+    Terminated,
     TransitionError,
     WorkerCrashed,
     WorkflowTimeout,
@@ -209,6 +211,7 @@ class Run:
         self.info = RunInfo(self.run_id, plan.name)
         self._wake = threading.Event()
         self._cancelled = False
+        self._cancel_error: type[CanoError] = RunCancelled
         self._cancel_grace_on_cancel = cancel_grace
         self._deadline: float | None = None
         self._remote = not isinstance(executor, InlineExecutor)
@@ -224,9 +227,14 @@ class Run:
         self._cancelled = True
         self._wake.set()
 
+    def terminate(self) -> None:
+        """Stop the run at once because the process got SIGTERM: it raises ``Terminated``."""
+        self._cancel_error = Terminated
+        self.cancel(0.0)
+
     def stop_grace(self, exc: BaseException) -> float:
         """How long in-flight calls get to stop when ``exc`` ends a state."""
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
             return 0.0
         if isinstance(exc, RunCancelled):
             return self._cancel_grace_on_cancel
@@ -243,8 +251,12 @@ class Run:
         state = initial
         self.state = state
         error: BaseException | None = None
+        holds_store = False
+        _signals.install()
+        _signals.register_run(self)
         try:
             self._check_known(state, None)
+            holds_store = self._hold_store(state)
             while True:
                 if obs:
                     obs.emit("on_state_enter", self.info, state)
@@ -268,6 +280,9 @@ class Run:
             error = exc
             raise
         finally:
+            if holds_store:
+                self.store._run_lock.release()
+            _signals.unregister_run(self)
             duration = time.monotonic() - started
             if obs:
                 obs.emit(
@@ -289,6 +304,26 @@ class Run:
                     else f" at {_describe(state)}",
                     extra={"run_id": self.run_id, "workflow": self.plan.name},
                 )
+
+    def _hold_store(self, state: Any) -> bool:
+        """Wait until no other run uses this run's store: runs on one store are serialised,
+        so that two of them never overwrite each other's updates."""
+        lock = self.store._run_lock
+        if lock.acquire(blocking=False):
+            return True
+        log.info(
+            "%s run %s waits: another run is using its store",
+            self.plan.name,
+            self.run_id,
+            extra={"run_id": self.run_id, "workflow": self.plan.name},
+        )
+        while True:
+            self._check_stop(StateEntry(state, [], None), time.monotonic())
+            wait = 0.1
+            if self._deadline is not None:
+                wait = max(0.0, min(wait, self._deadline - time.monotonic()))
+            if lock.acquire(timeout=wait):
+                return True
 
     def _check_known(self, state: Any, by: UnitRef | None) -> None:
         try:
@@ -404,6 +439,8 @@ class Run:
     def _check_stop(self, entry: StateEntry, now: float) -> None:
         """Raise when the run was cancelled or its wall-clock budget is spent."""
         if self._cancelled:
+            if self._cancel_error is Terminated:
+                raise Terminated(f"run {self.run_id} was stopped: the process received SIGTERM")
             raise RunCancelled(f"run {self.run_id} was cancelled")
         if self._deadline is not None and now >= self._deadline:
             raise WorkflowTimeout(

@@ -10,6 +10,7 @@
     │   └── WorkerCrashed    the worker process running the task died
     ├── JoinError            a split's join strategy could not be satisfied
     ├── WorkflowTimeout      ``Workflow(timeout=...)`` expired
+    ├── Terminated           the process received SIGTERM during a run (cano_mp's handler)
     └── StoreError
         └── StoreKeyError    also a ``KeyError``
 """
@@ -30,6 +31,7 @@ __all__ = [
     "TaskCancelled",
     "TaskError",
     "TaskTimeout",
+    "Terminated",
     "TransitionError",
     "WorkerCrashed",
     "WorkflowTimeout",
@@ -172,6 +174,16 @@ class WorkflowTimeout(CanoError):
     def __init__(self, message: str, *, state: object = None) -> None:
         super().__init__(message)
         self.state = state
+
+
+class Terminated(CanoError):
+    """The process received SIGTERM while a run was going, and cano_mp's handler stopped it.
+
+    Installed only where the process still had Python's default SIGTERM disposition (a
+    handler of your own is left alone). Like Ctrl-C, it stops the run's work at once; it is
+    never retried. Outside a run, the handler releases shared memory and stops the pool, then
+    lets SIGTERM end the process as it would have.
+    """
 
 
 class StoreError(CanoError):

@@ -39,6 +39,9 @@ import itertools
 import logging
 import mmap
 import os
+import secrets
+import shutil
+import signal
 import struct
 import threading
 import time
@@ -173,15 +176,11 @@ class _Pool:
         self._want_extra = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        root = _shm.SHM_ROOT if os.path.isdir(_shm.SHM_ROOT) else None
-        import tempfile
-
-        base = _shm._process_dir(root or tempfile.gettempdir())
-        self._flags_path = os.path.join(base, f"pool{id(self):x}-flags")
-        fd = os.open(self._flags_path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, SLOT_BYTES * max_workers)
-        self._flags = mmap.mmap(fd, SLOT_BYTES * max_workers)
-        os.close(fd)
+        self._flags_dirs = _shm.segment_dirs(f"pool{secrets.token_hex(4)}")
+        self._flags_path, self._flags = _shm.create_writable(
+            self._flags_dirs, "flags", SLOT_BYTES * max_workers
+        )
+        self._owner = _shm.owner_name()
         self._thread = threading.Thread(target=self._loop, name="cano_mp-pool", daemon=True)
         self._thread.start()
 
@@ -263,10 +262,9 @@ class _Pool:
             self._flags.close()
         except BufferError:
             pass
-        try:
-            os.unlink(self._flags_path)
-        except FileNotFoundError:
-            pass
+        for d in self._flags_dirs:
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -314,11 +312,16 @@ class _Pool:
                 os.getpid(),
                 self._initializer,
                 self._initargs,
+                self._owner,
             ),
             name=f"cano_mp-worker-{index}",
         )
         proc.start()
         child_conn.close()
+        try:
+            _shm.record_process_group(proc.pid)  # the worker leads a group of its own
+        except OSError as exc:  # pragma: no cover - only crash cleanup depends on it
+            log.debug("could not record worker %s's process group: %s", proc.pid, exc)
         return _Slot(index, proc, parent_conn)
 
     def _loop(self) -> None:
@@ -455,24 +458,21 @@ class _Pool:
                 job.future.set_exception(exc)
 
     def _kill(self, slot: _Slot) -> None:
-        import psutil
-
+        # The worker leads its own process group (see worker_main): one killpg stops it and
+        # every process its task started, without waiting for any of them.
+        _kill_group(slot.pid)
         try:
-            proc = psutil.Process(slot.pid)
-            victims = [*proc.children(recursive=True), proc]
-        except psutil.Error:
-            victims = []
-        for p in victims:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(victims[:-1], timeout=1.0)
+            os.kill(slot.pid, signal.SIGKILL)  # not yet a group leader: it just started
+        except ProcessLookupError:
+            pass
 
     def _reap(self, slot: _Slot) -> None:
         if slot.dead:
             return
         slot.dead = True
+        # Until it is joined the worker's pid (its group's id) cannot be reused: kill what
+        # its task left running in the group (a subprocess), however the worker ended.
+        _kill_group(slot.pid)
         slot.process.join(timeout=5.0)
         exitcode = slot.process.exitcode
         try:
@@ -517,6 +517,13 @@ class _Pool:
             self._reap(s)
             if was_running is not None and not was_running.future.done():
                 was_running.future.set_exception(CanoError("the executor was closed"))
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 _shared_lock = threading.Lock()

@@ -25,6 +25,7 @@ from typing import Any
 from . import _context
 from ._codec import error_payload
 from ._context import TaskContext, _set_context
+from ._errors import Terminated
 from ._store import SnapshotData, TaskStore
 from ._task import Node, Task
 
@@ -107,6 +108,9 @@ def run_unit_call(
         _context.log_tags = spec.log_tags(run_id, attempt)
     try:
         result = execute_unit(spec.unit, store)
+    except Terminated:  # SIGTERM reached an inline task: stop the run, never retry
+        store._finish(False)
+        raise
     except Exception as exc:
         store._finish(False)
         tb = traceback.format_exc()

@@ -1,44 +1,74 @@
-"""Shared-memory segments: files on tmpfs that never outlive their owner.
+"""Shared-memory segments: files on tmpfs that no other user can reach and that never outlive
+their owner.
 
 Layout::
 
-    /dev/shm/cano_mp-<pid>-<start>/         one directory per driver process (0700)
-        s<store>/                           one per SharedStore
+    /dev/shm/cano_mp-<pid>-<random>/        one directory per process (0700, made by mkdir)
+        .owner.lock                         flock-ed by the owner for its whole life
+        .groups                             process groups of its pool workers (one per line)
+        pool<id>-flags                      a pool's cancel/progress flags (0600)
+        s<store>/                           one per SharedStore (0700)
             d<n>                            a segment written by the driver (0600)
             <token>-<n>                     a segment written by a task attempt in a worker
 
-A segment holds one large buffer (an out-of-band pickle-5 buffer, e.g. a numpy array's
-data, or a large pickle). The driver owns every segment through a :class:`Segment` object:
-CPython's reference counting frees (unlinks) the file as soon as no store key and no live
-snapshot refers to it. ``SharedStore.close()`` removes the store's directory, an ``atexit``
-hook removes the process directory, and :func:`run_janitor` — run once by every cano_mp
-process that touches shared memory — removes directories whose owner process is gone
-(matched by pid *and* start time, so a reused pid is not mistaken for the owner).
+The same layout lives under the temp directory, for segments that do not fit in tmpfs.
 
-When ``/dev/shm`` is missing or lacks room, segments go to the temp directory instead, with
-a logged warning: on tmpfs, running out of space is a SIGBUS on first touch, not an
-exception, so free space is checked (``os.statvfs``) before each segment is written.
+Who can get in: nobody but our uid. A process directory's name has 64 random bits (the pid
+is there for humans only), it is made with ``mkdir`` and never adopted if it exists, and it
+is checked with ``lstat`` (a real directory, ours, 0700) before use. Its root must be ours
+or sticky (``/dev/shm`` and ``/tmp`` are), so nobody else can rename or replace it. Files
+are created with ``O_CREAT|O_EXCL|O_NOFOLLOW``; a reader opens with ``O_NOFOLLOW`` and checks
+with ``fstat`` that the file is a regular file of its own uid, not writable by others and as
+long as it should be, before it maps or unpickles anything.
+
+When memory is freed: the driver owns every segment through a :class:`Segment`; reference
+counting unlinks the file when no store key and no live snapshot refers to it. A mapping is
+never unmapped under a live array: an array handed out by the store keeps its ``mmap``
+object alive, and the kernel keeps an unlinked file's pages until the last mapping goes.
+
+What a crash leaves: ``SharedStore.close()`` removes its directory, an ``atexit`` hook (and
+cano_mp's SIGTERM handler) the process directory. After a SIGKILL, :func:`run_janitor` —
+run once by every cano_mp process that touches shared memory — removes a directory only if
+it can take the owner's ``flock`` (the kernel drops it when the owner dies, whatever PID
+namespace it ran in), only if it is owned by our uid, never following symlinks; it first
+kills what is left of the dead owner's worker process groups (the children tasks started).
+
+Space is reserved when a segment is created: ``pwrite`` or ``posix_fallocate`` fails with
+``ENOSPC`` where a write through a mapping of a sparse file would be a SIGBUS. A full tmpfs
+falls back to the temp directory with a logged warning; a full disk is a ``StoreError``.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import mmap
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
+from ._errors import StoreError
 from ._log import get_logger
 
 __all__ = [
     "PREFIX",
     "Segment",
-    "choose_dir",
+    "check_private_dir",
+    "create_writable",
     "map_readonly",
+    "open_private",
+    "process_dir",
     "process_dirs",
+    "read_segment_bytes",
+    "record_process_group",
     "run_janitor",
+    "segment_dirs",
     "write_segment",
 ]
 
@@ -46,129 +76,323 @@ log = get_logger("cano_mp.store")
 
 PREFIX = "cano_mp-"
 SHM_ROOT = "/dev/shm"
-# Keep this much free on tmpfs after a write: concurrent writers (the driver and several
-# workers) check free space independently, so the margin absorbs their races.
+LOCK_NAME = ".owner.lock"
+GROUPS_NAME = ".groups"
+# Every process a pool worker starts inherits this variable: the janitor kills a dead
+# owner's leftover process groups only where their members carry the owner's directory name.
+OWNER_ENV = "CANO_MP_OWNER"
+# Keep this much free on tmpfs after a write: a cheap early fallback before ENOSPC.
 SHM_FREE_MARGIN = 64 * 1024 * 1024
+# A process directory without a lock file is being made: leave it alone this long.
+YOUNG_DIR_SECONDS = 60.0
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 _lock = threading.Lock()
 _created: dict[str, str] = {}  # root -> this process's directory under it
-_owner_tag: str | None = None
+_lock_fds: dict[str, int] = {}  # directory -> fd holding its owner lock
+_owner_pid: int | None = None
 _janitor_done = False
 _warned_fallback = False
 
+T = TypeVar("T")
 
-def _tag() -> str:
-    global _owner_tag
-    if _owner_tag is None:
-        import psutil  # lazily: it costs ~15 ms of `import cano_mp`
 
-        pid = os.getpid()
-        start = int(psutil.Process(pid).create_time() * 100)
-        _owner_tag = f"{PREFIX}{pid}-{start}"
-    return _owner_tag
+# -- private directories -------------------------------------------------------------------
+def check_private_dir(path: str) -> None:
+    """Raise :class:`StoreError` unless ``path`` is a real directory of ours, mode 0700."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreError(f"shared-memory directory {path} is gone (store closed?)") from None
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory (a symlink or file was put in its place)"
+    elif st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}, not by us ({os.geteuid()})"
+    elif stat.S_IMODE(st.st_mode) != 0o700:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):o}, not 700"
+    if problem is not None:
+        raise StoreError(f"refusing to use {path}: it {problem}")
+
+
+def _root_is_safe(root: str) -> bool:
+    """A root where nobody else can rename or replace what we make: ours, or sticky."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or not os.access(root, os.W_OK | os.X_OK):
+        return False
+    others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if others_write and not st.st_mode & stat.S_ISVTX and st.st_uid != os.geteuid():
+        log.warning(
+            "not using %s for shared memory: others can write to it and it is not sticky", root
+        )
+        return False
+    return True
 
 
 def _roots() -> list[str]:
     roots = []
-    if os.path.isdir(SHM_ROOT) and os.access(SHM_ROOT, os.W_OK):
+    if os.path.isdir(SHM_ROOT) and _root_is_safe(SHM_ROOT):
         roots.append(SHM_ROOT)
     roots.append(tempfile.gettempdir())
     return roots
 
 
-def process_dirs() -> list[str]:
-    """This process's directories that exist now (for tests and diagnostics)."""
-    with _lock:
-        return [d for d in _created.values() if os.path.isdir(d)]
+def _make_process_dir(root: str) -> str:
+    if not _root_is_safe(root):
+        raise StoreError(f"cannot use {root} for the store: not a directory we can use safely")
+    for _ in range(16):
+        path = os.path.join(root, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # never adopt: another name
+        dfd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW)
+        try:
+            st = os.fstat(dfd)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                raise StoreError(f"refusing to use {path}: not the directory we made")
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(dfd, 0o700)  # a umask stripped bits mkdir asked for
+            lock_fd = os.open(
+                LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_NOFOLLOW, 0o600, dir_fd=dfd
+            )
+        finally:
+            os.close(dfd)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_fds[path] = lock_fd
+        check_private_dir(path)
+        return path
+    raise StoreError(f"could not make a private directory under {root}")  # pragma: no cover
 
 
-def _process_dir(root: str) -> str:
+def process_dir(root: str) -> str:
+    """This process's private directory under ``root`` (made on first use)."""
+    global _owner_pid
     with _lock:
+        if _owner_pid != os.getpid():  # first use, or a forked child: its own directories
+            _created.clear()
+            _lock_fds.clear()
+            _owner_pid = os.getpid()
         path = _created.get(root)
         if path is None or not os.path.isdir(path):
             if not _created:
-                atexit.register(_remove_process_dirs)
-            path = os.path.join(root, _tag())
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            os.chmod(path, 0o700)
+                atexit.register(remove_process_dirs)
+                _install_sigterm_cleanup()
+            path = _make_process_dir(root)
             _created[root] = path
         return path
 
 
-def _remove_process_dirs() -> None:
-    if os.getpid() != _pid_of_tag():
-        return  # a forked child inherited the hook: the directories are not its own
-    for path in list(_created.values()):
+def _install_sigterm_cleanup() -> None:
+    try:
+        from . import _signals
+
+        _signals.install()
+    except Exception:  # pragma: no cover - never fail a store over a signal handler
+        log.debug("could not install the SIGTERM handler", exc_info=True)
+
+
+def segment_dirs(name: str) -> tuple[str | None, str]:
+    """``(tmpfs dir or None, temp dir)`` named ``name`` inside this process's directories,
+    made now (0700). The one rule for "tmpfs if usable, else the temp dir"."""
+    roots = _roots()
+    shm = os.path.join(process_dir(SHM_ROOT), name) if SHM_ROOT in roots else None
+    disk = os.path.join(process_dir(tempfile.gettempdir()), name)
+    for d in (shm, disk):
+        if d is not None:
+            os.mkdir(d, 0o700)
+            check_private_dir(d)
+    return (shm, disk)
+
+
+def process_dirs() -> list[str]:
+    """This process's directories that exist now (for tests and diagnostics)."""
+    with _lock:
+        if _owner_pid != os.getpid():
+            return []
+        return [d for d in _created.values() if os.path.isdir(d)]
+
+
+def remove_process_dirs() -> None:
+    """Remove this process's directories now (at exit, or on SIGTERM)."""
+    with _lock:
+        if _owner_pid != os.getpid():
+            return  # a forked child inherited the hook: the directories are not its own
+        paths = list(_created.values())
+        _created.clear()
+    for path in paths:
         shutil.rmtree(path, ignore_errors=True)
+        fd = _lock_fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
 
-def _pid_of_tag() -> int:
-    return int(_tag()[len(PREFIX) :].split("-")[0])
-
-
-def choose_dir(dirs: tuple[str | None, str], nbytes: int) -> str:
-    """Pick ``dirs[0]`` (tmpfs) when it has room for ``nbytes``, else ``dirs[1]`` (disk).
-
-    Both exist while their store is open (it creates them); a task still running after its
-    store closed must not bring them back, so they are never created here.
-    """
-    global _warned_fallback
-    shm, disk = dirs
-    if shm is not None:
-        try:
-            st = os.statvfs(os.path.dirname(shm))
-            if st.f_bavail * st.f_frsize >= nbytes + SHM_FREE_MARGIN:
-                return shm
-        except OSError:
-            pass
-        if not _warned_fallback:
-            _warned_fallback = True
-            log.warning(
-                "shared memory (%s) lacks room for %d bytes: using %s instead (slower); "
-                "give the container a larger /dev/shm (docker run --shm-size=...)",
-                SHM_ROOT,
-                nbytes,
-                os.path.dirname(os.path.dirname(disk)),
-            )
-    return disk
-
-
-def write_segment(path: str, data: memoryview) -> None:
-    """Create ``path`` (0600, must not exist) holding ``data``."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+def record_process_group(pgid: int) -> None:
+    """Note a worker's process group, killed by a janitor if this process dies by SIGKILL."""
+    path = os.path.join(
+        process_dir(SHM_ROOT if SHM_ROOT in _roots() else tempfile.gettempdir()), GROUPS_NAME
+    )
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW, 0o600)
     try:
-        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        total = view.nbytes
-        if total:
-            os.ftruncate(fd, total)
-            written = 0
-            while written < total:
-                written += os.pwrite(fd, view[written:], written)
-    except BaseException:
-        os.close(fd)
-        _unlink(path)
-        raise
-    os.close(fd)
-
-
-def create_writable(path: str, nbytes: int) -> mmap.mmap:
-    """Create ``path`` of ``nbytes`` zero bytes and map it writable."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
-        os.ftruncate(fd, max(nbytes, 1))
-        return mmap.mmap(fd, max(nbytes, 1), access=mmap.ACCESS_WRITE)
-    except BaseException:
-        _unlink(path)
-        raise
+        os.write(fd, f"{pgid}\n".encode())
     finally:
         os.close(fd)
 
 
+def owner_name() -> str:
+    """The name of this process's first private directory (its ``OWNER_ENV`` value)."""
+    return os.path.basename(process_dir(_main_root()))
+
+
+def _main_root() -> str:
+    return SHM_ROOT if SHM_ROOT in _roots() else tempfile.gettempdir()
+
+
+# -- segment files -------------------------------------------------------------------------
+def open_private(path: str, flags: int = os.O_RDONLY, size: int | None = None) -> int:
+    """Open an existing file of ours without following links; check it before use.
+
+    Refuses (``StoreError``) a file that is not a regular file, not owned by our uid, writable
+    by others, or shorter than ``size`` (mapping past its end would be a SIGBUS).
+    """
+    try:
+        fd = os.open(path, flags | _O_NOFOLLOW)
+    except FileNotFoundError:
+        raise StoreError(f"shared-memory segment {path} is gone (store closed?)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"refusing to open {path}: it is a symlink") from None
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "it is not a regular file"
+    elif st.st_uid != os.geteuid():
+        problem = f"it is owned by uid {st.st_uid}, not by us"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = "others can write to it"
+    elif size is not None and st.st_size < size:
+        problem = f"it holds {st.st_size} bytes, not {size}"
+    if problem is not None:
+        os.close(fd)
+        raise StoreError(f"refusing to read shared-memory segment {path}: {problem}")
+    return fd
+
+
+def _create(path: str) -> int:
+    return os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_NOFOLLOW, 0o600)
+
+
+def _place(dirs: tuple[str | None, str], name: str, nbytes: int, make: Callable[[str], T]) -> T:
+    """Run ``make(path)`` in tmpfs when it has room, else (or on ENOSPC) in the temp dir."""
+    global _warned_fallback
+    shm, disk = dirs
+    if shm is not None and _has_room(shm, nbytes):
+        try:
+            return make(os.path.join(shm, name))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            reason = "is full"
+        except StoreError:
+            raise
+    else:
+        reason = "lacks room"
+    if shm is not None and not _warned_fallback:
+        _warned_fallback = True
+        log.warning(
+            "shared memory (%s) %s for %d bytes: using %s instead (slower); "
+            "give the container a larger /dev/shm (docker run --shm-size=...)",
+            SHM_ROOT,
+            reason,
+            nbytes,
+            os.path.dirname(os.path.dirname(disk)),
+        )
+    try:
+        return make(os.path.join(disk, name))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(
+                f"no space left for a {nbytes}-byte segment in shared memory or in "
+                f"{os.path.dirname(os.path.dirname(disk))}: free some, or store less"
+            ) from exc
+        raise
+
+
+def _has_room(path: str, nbytes: int) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize >= nbytes + SHM_FREE_MARGIN
+
+
+def write_segment(dirs: tuple[str | None, str], name: str, data: memoryview) -> str:
+    """Create segment ``name`` (0600, must not exist) holding ``data``; return its path."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+
+    def make(path: str) -> str:
+        fd = _create(path)
+        try:
+            total = view.nbytes
+            written = 0
+            while written < total:
+                written += os.pwrite(fd, view[written:], written)
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        os.close(fd)
+        return path
+
+    return _place(dirs, name, view.nbytes, make)
+
+
+def create_writable(dirs: tuple[str | None, str], name: str, nbytes: int) -> tuple[str, mmap.mmap]:
+    """Create segment ``name`` of ``nbytes`` zero bytes, space reserved, mapped writable."""
+
+    def make(path: str) -> tuple[str, mmap.mmap]:
+        fd = _create(path)
+        try:
+            size = max(nbytes, 1)
+            os.posix_fallocate(fd, 0, size)  # ENOSPC now, not SIGBUS on first touch
+            return path, mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        except BaseException:
+            _unlink(path)
+            raise
+        finally:
+            os.close(fd)
+
+    return _place(dirs, name, nbytes, make)
+
+
 def map_readonly(path: str, nbytes: int) -> mmap.mmap:
-    """Map an existing segment read-only."""
-    fd = os.open(path, os.O_RDONLY)
+    """Map an existing segment of ours read-only (checked first: see :func:`open_private`)."""
+    fd = open_private(path, size=nbytes)
     try:
         return mmap.mmap(fd, max(nbytes, 1), access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+
+
+def read_segment_bytes(path: str, nbytes: int) -> bytes:
+    """A checked segment's first ``nbytes`` bytes, read into memory."""
+    fd = open_private(path, size=nbytes)
+    try:
+        chunks = []
+        done = 0
+        while done < nbytes:
+            chunk = os.pread(fd, nbytes - done, done)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -181,7 +405,12 @@ def _unlink(path: str) -> None:
 
 
 class Segment:
-    """The driver's handle on one segment file: unlinked when the last reference goes."""
+    """The driver's handle on one segment file: unlinked when the last reference goes.
+
+    Releasing never unmaps: an ``mmap`` lives as long as an array (or a view) uses it, and
+    the kernel keeps an unlinked file's pages until then. Unmapping under a live numpy
+    array would be a segfault at its next access.
+    """
 
     __slots__ = ("__weakref__", "_mm", "nbytes", "path")
 
@@ -197,12 +426,7 @@ class Segment:
         return memoryview(self._mm)[: self.nbytes].toreadonly()
 
     def release(self) -> None:
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a user still holds an array on it: unmapped when that array dies
+        self._mm = None
         _unlink(self.path)
 
     def __del__(self) -> None:
@@ -215,6 +439,7 @@ class Segment:
         return f"<Segment {self.path} {self.nbytes} bytes>"
 
 
+# -- the janitor ---------------------------------------------------------------------------
 def _candidates() -> Iterator[str]:
     for root in _roots():
         try:
@@ -226,21 +451,89 @@ def _candidates() -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
-def _owner_alive(name: str) -> bool:
-    import psutil
+def _take_dead_owner_lock(path: str) -> int | None:
+    """An fd holding the owner lock of ``path`` if its owner is gone, else None.
 
+    Only real directories of our uid are considered; nothing is followed.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return None
+    try:
+        dfd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | _O_NOFOLLOW, dir_fd=dfd)
+        except FileNotFoundError:
+            return _legacy_or_young(path, st)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None  # alive (in this PID namespace or another)
+        return fd
+    finally:
+        os.close(dfd)
+
+
+def _legacy_or_young(path: str, st: os.stat_result) -> int | None:
+    # No lock file: a directory of cano_mp 0.1 (named by pid and start time), or one whose
+    # owner is between mkdir and creating its lock.
+    import time
+
+    if time.time() - st.st_mtime < YOUNG_DIR_SECONDS:
+        return None
+    name = os.path.basename(path)
     try:
         pid_s, start_s = name[len(PREFIX) :].split("-", 1)
         pid, start = int(pid_s), int(start_s)
     except ValueError:
-        return True  # not ours to judge
+        return -1  # an old, unlocked directory of ours with a random name: dead
+    import psutil
+
     try:
         created = int(psutil.Process(pid).create_time() * 100)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
+        return -1
     except psutil.Error:
-        return True
-    return abs(created - start) <= 1
+        return None
+    return None if abs(created - start) <= 1 else -1
+
+
+def _kill_leftover_groups(path: str) -> None:
+    """Kill what is left of a dead owner's worker process groups (children of its tasks)."""
+    try:
+        fd = os.open(os.path.join(path, GROUPS_NAME), os.O_RDONLY | _O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        groups = {int(x) for x in os.read(fd, 1 << 20).split() if x.isdigit()}
+    finally:
+        os.close(fd)
+    if not groups:
+        return
+    import psutil
+
+    marker = os.path.basename(path)
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
+                continue
+            if os.getpgid(proc.pid) not in groups:
+                continue
+            if proc.environ().get(OWNER_ENV) != marker:
+                continue  # a reused process-group id: not the dead owner's
+            proc.kill()
+            log.info("killed process %s left by a dead cano_mp process's task", proc.pid)
+        except (psutil.Error, OSError):
+            continue
 
 
 def run_janitor(force: bool = False) -> list[str]:
@@ -253,12 +546,21 @@ def run_janitor(force: bool = False) -> list[str]:
         return []
     _janitor_done = True
     removed = []
-    own = _tag()
+    with _lock:
+        own = set(_created.values()) if _owner_pid == os.getpid() else set()
     for path in _candidates():
-        name = os.path.basename(path)
-        if name == own or _owner_alive(name):
+        if path in own:
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-        log.info("removed shared memory left by a dead cano_mp process: %s", path)
+        fd = _take_dead_owner_lock(path)
+        if fd is None:
+            continue
+        try:
+            _kill_leftover_groups(path)
+            shutil.rmtree(path, ignore_errors=True)  # fd-based: never follows symlinks
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if not os.path.lexists(path):
+            removed.append(path)
+            log.info("removed shared memory left by a dead cano_mp process: %s", path)
     return removed

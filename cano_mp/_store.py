@@ -76,19 +76,6 @@ def _encode_for(key: str, value: Any, write: Any, known: Any) -> Encoded:
         ) from exc
 
 
-def _store_dirs(uid: str) -> tuple[str | None, str]:
-    shm: str | None = None
-    if os.path.isdir(_shm.SHM_ROOT) and os.access(_shm.SHM_ROOT, os.W_OK):
-        shm = os.path.join(_shm._process_dir(_shm.SHM_ROOT), uid)
-    import tempfile
-
-    disk = os.path.join(_shm._process_dir(tempfile.gettempdir()), uid)
-    for d in (shm, disk):
-        if d is not None:
-            os.mkdir(d, 0o700)
-    return (shm, disk)
-
-
 def _remove_dirs(dirs: tuple[str | None, str]) -> None:
     # A cancelled task may still be writing segments here. Renaming the directory first
     # makes its later writes fail (the path is gone) instead of racing rmtree.
@@ -186,16 +173,16 @@ class SharedStore:
         self._closed = False
         self._seq = itertools.count()
         self._pending: list[_shm.Segment] = []
-        self._dirs = _store_dirs(self._uid)
+        self._run_lock = threading.RLock()
+        self._dirs = _shm.segment_dirs(self._uid)
         self._finalizer = weakref.finalize(self, _remove_dirs, self._dirs)
 
     # -- segments -------------------------------------------------------------------------
-    def _new_path(self, nbytes: int) -> str:
-        return os.path.join(_shm.choose_dir(self._dirs, nbytes), f"d{next(self._seq)}")
+    def _new_name(self) -> str:
+        return f"d{next(self._seq)}"
 
     def _write(self, data: memoryview) -> Ref:
-        path = self._new_path(data.nbytes)
-        _shm.write_segment(path, data)
+        path = _shm.write_segment(self._dirs, self._new_name(), data)
         seg = _shm.Segment(path, data.nbytes)
         self._segments[path] = seg
         self._pending.append(seg)
@@ -338,8 +325,7 @@ class SharedStore:
             dt = np.dtype(dtype)
             shp = (shape,) if isinstance(shape, int) else tuple(shape)
             nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
-            path = self._new_path(nbytes)
-            mm = _shm.create_writable(path, nbytes)
+            path, mm = _shm.create_writable(self._dirs, self._new_name(), nbytes)
             seg = _shm.Segment(path, nbytes, mm)
             self._segments[path] = seg
             WRITABLE_SEGMENTS[path] = seg
@@ -448,8 +434,7 @@ def discard_segments(dirs: tuple[str | None, str], token: str) -> None:
 
 
 def _read_once(ref: Ref) -> memoryview:
-    with open(ref[0], "rb") as f:
-        return memoryview(f.read())
+    return memoryview(_shm.read_segment_bytes(ref[0], ref[1]))
 
 
 def _appended(key: str, current: Any, items: list[Any]) -> list[Any]:
@@ -483,10 +468,7 @@ class _CallMaps:
             held = HELD_SEGMENTS.get(ref[0])
             if held is not None:
                 return held[: ref[1]]
-            try:
-                mm = _shm.map_readonly(ref[0], ref[1])
-            except FileNotFoundError:
-                raise StoreError(f"shared-memory segment {ref[0]} is gone") from None
+            mm = _shm.map_readonly(ref[0], ref[1])
             self._maps[ref[0]] = mm
         return memoryview(mm)[: ref[1]]
 
@@ -520,14 +502,12 @@ class TaskStore(SharedStore):
         self._closed = False
         self._mms: list[mmap.mmap] = []
 
-    def _new_path(self, nbytes: int) -> str:
-        path = os.path.join(_shm.choose_dir(self._dirs, nbytes), f"{self._token}-{next(self._seq)}")
-        self._created.append(path)
-        return path
+    def _new_name(self) -> str:
+        return f"{self._token}-{next(self._seq)}"
 
     def _write(self, data: memoryview) -> Ref:
-        path = self._new_path(data.nbytes)
-        _shm.write_segment(path, data)
+        path = _shm.write_segment(self._dirs, self._new_name(), data)
+        self._created.append(path)
         return (path, data.nbytes)
 
     def _enc(self, key: str, value: Any) -> Encoded:
@@ -591,8 +571,8 @@ class TaskStore(SharedStore):
         dt = np.dtype(dtype)
         shp = (shape,) if isinstance(shape, int) else tuple(shape)
         nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
-        path = self._new_path(nbytes)
-        mm = _shm.create_writable(path, nbytes)
+        path, mm = _shm.create_writable(self._dirs, self._new_name(), nbytes)
+        self._created.append(path)
         self._mms.append(mm)
         arr: np.ndarray[Any, Any] = np.ndarray(shp, dtype=dt, buffer=mm)
         if nbytes >= 1:
@@ -610,11 +590,8 @@ class TaskStore(SharedStore):
     def _finish(self, ok: bool) -> list[LogOp]:
         """End the call: unmap, free unused segments; return the log (empty on failure)."""
         self._maps.close()
-        for mm in self._mms:
-            try:
-                mm.close()
-            except BufferError:
-                pass
+        # Never close the task's writable maps: an array the task kept (a global, a cache)
+        # would then point at unmapped memory. Dropping them unmaps once no array is left.
         self._mms.clear()
         log = self._compact() if ok else []
         used = {p for op in log if len(op) == 3 for p, _ in all_refs(op[2])}

@@ -43,7 +43,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _context
+from . import _context, _shm
 
 __all__ = [
     "CACHE_SIZES",
@@ -207,11 +207,21 @@ def worker_main(
     parent: int,
     initializer: Any,
     initargs: tuple[Any, ...],
+    owner: str = "",
 ) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A process group of our own: the driver kills it whole when this worker dies or is
+    # killed, so what a task started (a subprocess) never outlives it. The variable marks
+    # those processes for the janitor, should the driver itself be SIGKILLed.
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # pragma: no cover - already a session leader
+        pass
+    if owner:
+        os.environ[_shm.OWNER_ENV] = owner
     _die_with_parent(parent)
-    fd = os.open(flags_path, os.O_RDWR)
+    fd = _shm.open_private(flags_path, os.O_RDWR, size=SLOT_BYTES * (slot + 1))
     flags = mmap.mmap(fd, 0)
     os.close(fd)
     control = CallControl(memoryview(flags).cast("q"), slot)

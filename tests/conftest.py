@@ -39,7 +39,7 @@ def cano_files() -> list[str]:
     found = []
     for d in _shm.process_dirs():
         for root, _dirs, files in os.walk(d):
-            found.extend(os.path.join(root, f) for f in files if "-flags" not in f)
+            found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and "flags" not in f)
     return found
 
 
@@ -48,10 +48,15 @@ def no_orphans_at_end() -> Iterator[None]:
     yield
     shutdown_shared_pools()
     me = psutil.Process()
-    children = [
-        c
-        for c in me.children(recursive=True)
-        if c.is_running() and "resource_tracker" not in " ".join(c.cmdline())
-    ]
+    children = [c for c in me.children(recursive=True) if _is_live_worker(c)]
     _gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"worker processes left running: {alive}"
+
+
+def _is_live_worker(proc: psutil.Process) -> bool:
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False  # dead, only not reaped yet
+        return "resource_tracker" not in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
