@@ -89,7 +89,7 @@ YOUNG_DIR_SECONDS = 60.0
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered by the SIGTERM handler (main thread)
 _created: dict[str, str] = {}  # root -> this process's directory under it
 _lock_fds: dict[str, int] = {}  # directory -> fd holding its owner lock
 _owner_pid: int | None = None

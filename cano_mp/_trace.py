@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from ._files import write_atomic
 from ._observe import AttemptObserver, RunInfo
 
 __all__ = ["TraceRecorder"]
@@ -155,13 +156,10 @@ class TraceRecorder(AttemptObserver):
             return list(self._events)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``{"traceEvents": [...]}`` to ``path`` atomically."""
+        """Write ``{"traceEvents": [...]}`` to ``path`` atomically (0644: a trace is meant
+        to be opened by other tools)."""
         data = {"traceEvents": self.events(), "displayTimeUnit": "ms"}
-        target = os.fspath(path)
-        tmp = f"{target}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, target)
+        write_atomic(path, json.dumps(data).encode(), mode=0o644)
 
     def __repr__(self) -> str:
         return f"<TraceRecorder {len(self._events)} events" + (

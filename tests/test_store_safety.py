@@ -757,3 +757,16 @@ def test_a_run_waiting_for_its_store_respects_the_workflow_timeout() -> None:
         finally:
             release.set()
             t.join(30)
+
+
+def test_trace_file_is_written_through_no_symlink(tmp_path: Path) -> None:
+    from cano_mp import TraceRecorder
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    link = tmp_path / "trace.json"
+    link.symlink_to(victim)
+    TraceRecorder().save(link)
+    assert victim.read_text() == "keep me"
+    assert not link.is_symlink() and link.read_text().startswith('{"traceEvents"')
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
