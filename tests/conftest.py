@@ -39,7 +39,9 @@ def cano_files() -> list[str]:
     found = []
     for d in _shm.process_dirs():
         for root, _dirs, files in os.walk(d):
-            found.extend(os.path.join(root, f) for f in files if not f.startswith(".") and "flags" not in f)
+            found.extend(
+                os.path.join(root, f) for f in files if not f.startswith(".") and "flags" not in f
+            )
     return found
 
 

@@ -28,7 +28,6 @@ from cano_mp import (
     InlineExecutor,
     ProcessExecutor,
     SharedStore,
-    StoreError,
     TaskError,
     WorkerCrashed,
     Workflow,
@@ -369,11 +368,14 @@ needs_mount_ns = pytest.mark.skipif(
 )
 
 
-def run_in_small_tmpfs(body: str, shm_mb: int, tmp_mb: int | None = None) -> subprocess.CompletedProcess[str]:
+def run_in_small_tmpfs(
+    body: str, shm_mb: int, tmp_mb: int | None = None
+) -> subprocess.CompletedProcess[str]:
     mounts = f"mount -t tmpfs -o size={shm_mb}m tmpfs /dev/shm"
     env = {}
     if tmp_mb is not None:
-        mounts += f" && mkdir -p /run/cano_small && mount -t tmpfs -o size={tmp_mb}m tmpfs /run/cano_small"
+        small = "/run/cano_small"
+        mounts += f" && mkdir -p {small} && mount -t tmpfs -o size={tmp_mb}m tmpfs {small}"
         env["TMPDIR"] = "/run/cano_small"
     code = HEADER + textwrap.dedent(body)
     script = Path("/tmp") / f"cano_small_{os.getpid()}_{threading.get_ident()}.py"
@@ -527,7 +529,7 @@ except Terminated as e:
     workers = [c for c in psutil.Process(proc.pid).children(recursive=True)]
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    out, _err = proc.communicate(timeout=30)
     assert time.monotonic() - t0 < 15
     assert "Terminated: " in out and "SIGTERM" in out
     assert proc.returncode == 1  # the Terminated error ended the script
@@ -641,7 +643,9 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_children_of_a_task_die_with_its_worker(tmp_path: Path, one_worker: ProcessExecutor) -> None:
+def test_children_of_a_task_die_with_its_worker(
+    tmp_path: Path, one_worker: ProcessExecutor
+) -> None:
     pidfile = tmp_path / "child.pid"
     from cano_mp import TaskConfig
 
