@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._batch import BatchTask, ItemFailure
 from ._context import TaskContext, task_context
-from ._engine import RemoteError
 from ._errors import (
     CanoError,
     ConfigError,
@@ -33,6 +32,7 @@ from ._process import ProcessExecutor
 from ._retry import RetryPolicy, TaskConfig
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
+from ._wire import RemoteError
 from ._workflow import Workflow
 
 if TYPE_CHECKING:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import cloudpickle
 
 from . import _context
-from ._codec import error_payload
 from ._context import _LazyContext, _set_context
 from ._errors import Terminated
 from ._retry import TaskConfig
 from ._store import ReadOnlyStore, SnapshotData
+from ._wire import ChunkOutcome, ItemFailed, Timing, encode_error
 
 if TYPE_CHECKING:
     from ._runner import UnitSpec
@@ -158,7 +158,7 @@ _CANCEL_CHECK_EVERY = 64
 _CANCEL_CHECK_SECONDS = 0.01
 
 
-def _pack_results(results: list[Any], failures: list[tuple[Any, ...]]) -> bytes:
+def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
     try:
         return bytes(cloudpickle.dumps((results, failures)))
     except Exception:
@@ -170,12 +170,13 @@ def _pack_results(results: list[Any], failures: list[tuple[Any, ...]]) -> bytes:
         except Exception as exc:
             results[k] = None
             err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
-            failures.append((k, "err", error_payload(err, True), None))
+            failures.append(ItemFailed(k, "err", encode_error(err, True)))
     return bytes(cloudpickle.dumps((results, failures)))
 
 
 def run_batch_chunk(
     control: Callable[[], bool],
+    deadline: float | None,
     spec: UnitSpec,
     snap: SnapshotData,
     payload: Any,
@@ -185,12 +186,12 @@ def run_batch_chunk(
     run_id: str,
     token: str,
     remote: bool,
-) -> tuple[Any, ...]:
+) -> ChunkOutcome:
     """Process the items of one chunk in order; never raises for errors of the items.
 
-    Returns ``("ok", packed, pid, started, ended)`` where ``packed`` is
-    ``(results, failures)`` (cloudpickled when ``remote``); a failure is
-    ``(position, "err" | "timeout", error, traceback)``.
+    ``packed`` of the outcome is ``(results, failures)`` (cloudpickled when ``remote``),
+    each failure an :class:`~cano_mp._wire.ItemFailed`. ``deadline`` is unused: each item
+    has its own (``timeout``).
     """
     pid = os.getpid()
     started = time.time()
@@ -205,7 +206,7 @@ def run_batch_chunk(
     pos: memoryview = positions() if positions is not None else memoryview(array("q", [0]))
     ctx = _LazyContext(run_id, spec.state, attempt, control, store, indices, pos)
     results: list[Any] = []
-    failures: list[tuple[Any, ...]] = []
+    failures: list[ItemFailed] = []
     stopped = n
     previous = _set_context(ctx)
     if remote:
@@ -229,7 +230,7 @@ def run_batch_chunk(
                     except BaseException as exc:
                         out(None)
                         tb = traceback.format_exc()
-                        failures.append((k, "err", error_payload(exc, remote), tb))
+                        failures.append(ItemFailed(k, "err", encode_error(exc, remote, tb)))
                 if control():
                     break
                 took = time.monotonic() - t0
@@ -254,10 +255,11 @@ def run_batch_chunk(
                 except (KeyboardInterrupt, Terminated):
                     raise
                 except BaseException as exc:
-                    failures.append((k, "err", error_payload(exc, remote), traceback.format_exc()))
+                    tb = traceback.format_exc()
+                    failures.append(ItemFailed(k, "err", encode_error(exc, remote, tb)))
                 else:
                     if time.monotonic_ns() - t0_ns > limit_ns:
-                        failures.append((k, "timeout", None, None))
+                        failures.append(ItemFailed(k, "timeout", None))
                     else:
                         results[k] = value
                 if control():
@@ -273,4 +275,4 @@ def run_batch_chunk(
     if stopped < n:
         del results[stopped:]
     packed: Any = _pack_results(results, failures) if remote else (results, failures)
-    return ("ok", packed, pid, started, time.time())
+    return ChunkOutcome(packed, Timing(pid, started, time.time()))

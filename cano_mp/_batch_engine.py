@@ -39,6 +39,7 @@ from ._executor import Call, Executor, WorkerDied
 from ._log import get_logger
 from ._progress import progress_bar
 from ._store import Snapshot, TaskStore
+from ._wire import ItemFailed, decode_error
 
 if TYPE_CHECKING:
     from ._engine import Run, StateEntry
@@ -157,7 +158,6 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
     from ._engine import (
         _INLINE,
         _describe,
-        _load_error,
         _tokens,
         in_flight_per_worker,
     )
@@ -215,8 +215,8 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
         call_seq = itertools.count()
 
-        def item_error(index: int, attempt: int, kind: str, payload: Any, tb: Any) -> BaseException:
-            if kind == "timeout":
+        def item_error(index: int, attempt: int, failed: ItemFailed) -> BaseException:
+            if failed.kind == "timeout" or failed.failure is None:
                 return TaskTimeout(
                     f"item {index} of batch task {name!r} of state {_describe(state)} ran past "
                     f"its {cfg.timeout}s timeout (attempt {attempt})",
@@ -224,13 +224,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     task_name=name,
                     attempts=attempt,
                 )
-            exc = _load_error(payload)
-            if tb is not None and not isinstance(exc, TaskError):
-                try:
-                    exc.add_note(f"\nRemote traceback (from the worker):\n{tb}")
-                except Exception:
-                    pass
-            return exc
+            return decode_error(failed.failure)
 
         def item_failed(index: int, item: Any, attempt: int, exc: BaseException, tb: Any) -> None:
             delay = cfg.retry.delay_for_attempt(attempt - 1)
@@ -359,7 +353,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     continue
                 except Exception as exc:  # the call itself failed (the unit cannot load...)
                     raise fail_whole("a chunk", exc) from exc
-                packed = out[1]
+                packed = out.packed
                 try:
                     values, failures = cloudpickle.loads(packed) if remote else packed
                 except Exception as exc:  # results that cannot be loaded here
@@ -369,7 +363,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                     ch.items = []
                     continue
                 if fixed is None:
-                    sizer.observe(len(ch.items), out[4] - out[3])
+                    sizer.observe(len(ch.items), out.timing.ended - out.timing.started)
                 if obs.wants("on_task_timing"):
                     obs.emit(
                         "on_task_timing",
@@ -377,12 +371,12 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                         state,
                         f"{name}[{ch.indices[0]}..{ch.indices[-1]}]",
                         ch.attempt,
-                        pid=out[2],
-                        started=out[3],
-                        ended=out[4],
+                        pid=out.timing.pid,
+                        started=out.timing.started,
+                        ended=out.timing.ended,
                     )
                 n = len(values)
-                failed_positions = {f[0] for f in failures}
+                failed_positions = {f.position for f in failures}
                 if isinstance(ch.indices, range) and not failed_positions and n == len(ch.items):
                     b.results[ch.indices.start : ch.indices.stop] = values
                 else:
@@ -393,10 +387,11 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
                 b.outstanding -= finished
                 if bar is not None and finished:
                     bar.update(finished)
-                for position, kind, payload, tb in failures:
-                    index = ch.indices[position]
-                    error = item_error(index, ch.attempt, kind, payload, tb)
-                    item_failed(index, ch.items[position], ch.attempt, error, tb)
+                for failed in failures:
+                    index = ch.indices[failed.position]
+                    error = item_error(index, ch.attempt, failed)
+                    tb = failed.failure.traceback if failed.failure is not None else None
+                    item_failed(index, ch.items[failed.position], ch.attempt, error, tb)
                 if n < len(ch.items):  # stopped early (cancelled): send the rest again
                     b.requeued.append(_Chunk(ch.indices[n:], ch.items[n:], ch.attempt))
                 ch.items = []
@@ -475,7 +470,9 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
             if inline:
                 # In the driver: the run's own cancellation is the chunk's cancel flag.
                 fut = Future()
-                fut.set_result(run_batch_chunk(run._is_cancelled, ref.spec, snap.data(), *args))
+                fut.set_result(
+                    run_batch_chunk(run._is_cancelled, None, ref.spec, snap.data(), *args)
+                )
             else:
                 call = Call(run_batch_chunk, (ref.blob, snap.blob), args)
                 try:

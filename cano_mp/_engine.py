@@ -57,8 +57,9 @@ from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
 from ._runner import UnitSpec, run_unit_call
 from ._store import SharedStore, Snapshot
+from ._wire import UnitOutcome, decode_error
 
-__all__ = ["CANCEL_GRACE", "Plan", "RemoteError", "Run", "RunCancelled", "UnitRef"]
+__all__ = ["CANCEL_GRACE", "Plan", "Run", "RunCancelled", "UnitRef"]
 
 log = get_logger("cano_mp.engine")
 
@@ -73,14 +74,6 @@ IN_FLIGHT_PER_WORKER = 2
 
 _INLINE = InlineExecutor()
 _tokens = itertools.count(1)
-
-
-class RemoteError(Exception):
-    """Stands in for a task's exception that could not be pickled back to the driver."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(f"{type_name}: {message}")
-        self.type_name = type_name
 
 
 class RunCancelled(CanoError):
@@ -407,28 +400,28 @@ class Run:
                 obs.emit("on_task_start", self.info, entry.state, b.ref.name, b.attempt)
             out = run_unit_call(
                 self._is_cancelled,
+                b.deadline,
                 b.ref.spec,
                 snap.data(),
                 b.attempt,
-                b.deadline,
                 self.run_id,
                 b.token,
                 False,
             )
             if obs.wants("on_task_timing"):
                 self._timing(entry, b, out)
-            if out[0] == "ok" and b.deadline is not None and time.monotonic() > b.deadline:
+            if out.ok and b.deadline is not None and time.monotonic() > b.deadline:
                 self.store._discard(b.token)
                 self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
-            elif out[0] == "ok":
-                b.next_state = b.ref.spec.decode_state(out[1])
-                b.log = out[2]
+            elif out.failure is None:
+                b.next_state = b.ref.spec.decode_state(out.state)
+                b.log = out.log
                 b.status = "ok"
                 if obs:
                     self._task_end(entry, b, None)
                 return self._finish(entry, [b], "proceed", False)
             else:
-                self._attempt_failed(entry, p, b, _load_error(out[1]), out[2])
+                self._attempt_failed(entry, p, b, decode_error(out.failure), out.failure.traceback)
             if b.status == "failed":
                 return self._finish(entry, [b], "fail", False)
             until = b.retry_at if self._deadline is None else min(b.retry_at, self._deadline)
@@ -534,7 +527,8 @@ class Run:
         call = Call(
             run_unit_call,
             (b.ref.blob, snap.blob),
-            (b.attempt, b.deadline, self.run_id, b.token, not inline and self._remote),
+            (b.attempt, self.run_id, b.token, not inline and self._remote),
+            b.deadline,
         )
         if self.observers:
             self.observers.emit("on_task_start", self.info, entry.state, b.ref.name, b.attempt)
@@ -601,7 +595,7 @@ class Run:
                 continue
             if self.observers.wants("on_task_timing"):
                 self._timing(entry, b, out)
-            if out[0] == "ok":
+            if out.failure is None:
                 if (
                     isinstance(b.executor, InlineExecutor)
                     and b.deadline is not None
@@ -610,13 +604,14 @@ class Run:
                     self._discard(b)
                     self._attempt_failed(entry, p, b, self._timeout_error(entry, b), None)
                     continue
-                b.next_state = b.ref.spec.decode_state(out[1])
-                b.log = out[2]
+                b.next_state = b.ref.spec.decode_state(out.state)
+                b.log = out.log
                 b.status = "ok"
                 p.ok += 1
                 self._task_end(entry, b, None)
             else:
-                self._attempt_failed(entry, p, b, _load_error(out[1]), out[2])
+                failure = out.failure
+                self._attempt_failed(entry, p, b, decode_error(failure), failure.traceback)
 
     def _expire(self, entry: StateEntry, p: _Progress, now: float) -> None:
         for b in [b for b in p.running if b.deadline is not None and now >= b.deadline]:
@@ -651,16 +646,16 @@ class Run:
         if b.future is not None:
             b.future.add_done_callback(lambda _f: store._discard(token))
 
-    def _timing(self, entry: StateEntry, b: _Branch, out: tuple[Any, ...]) -> None:
+    def _timing(self, entry: StateEntry, b: _Branch, out: UnitOutcome) -> None:
         self.observers.emit(
             "on_task_timing",
             self.info,
             entry.state,
             b.ref.name,
             b.attempt,
-            pid=out[3],
-            started=out[4],
-            ended=out[5],
+            pid=out.timing.pid,
+            started=out.timing.started,
+            ended=out.timing.ended,
         )
 
     def _task_end(self, entry: StateEntry, b: _Branch, error: BaseException | None) -> None:
@@ -769,21 +764,6 @@ def in_flight_per_worker(executor: Any) -> int:
 
 def _dumps(data: Any) -> bytes:
     return pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _load_error(payload: Any) -> BaseException:
-    if isinstance(payload, BaseException):
-        return payload
-    if isinstance(payload, bytes):
-        try:
-            exc = cloudpickle.loads(payload)
-            if isinstance(exc, BaseException):
-                return exc
-        except Exception as load_exc:
-            return RemoteError("unloadable exception", str(load_exc))
-    if isinstance(payload, tuple) and len(payload) == 3:
-        return RemoteError(str(payload[1]), str(payload[2]))
-    return RemoteError("unknown", repr(payload))
 
 
 def make_unit_ref(

@@ -5,7 +5,7 @@ some arguments are :class:`Blob` objects — a task, a snapshot index — that a
 executor ships to each worker once and caches there by key, so the per-call message stays a
 few hundred bytes whatever the task or the store holds.
 
-The function is called as ``fn(cancelled, *blob_objects, *args)`` where ``cancelled()``
+The function is called as ``fn(cancelled, deadline, *blob_objects, *args)`` where ``cancelled()``
 turns True once the caller asked to cancel the call. The executor knows nothing about
 workflows or stores.
 
@@ -16,67 +16,12 @@ cancelled call has stopped (finished or been killed), or fails with :class:`Work
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ._wire import CANCELLED, Blob, Call, WorkerDied
+
 __all__ = ["CANCELLED", "Blob", "Call", "Executor", "InlineExecutor", "WorkerDied"]
-
-
-class _Cancelled:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "CANCELLED"
-
-
-CANCELLED: Any = _Cancelled()
-"""What the future of a cancelled call resolves to once the call has stopped."""
-
-
-class WorkerDied(Exception):
-    """The process running a call died; ``exitcode`` is negative for a signal.
-
-    ``position`` is the item the call last reported working on (see
-    :class:`CallControl`), or ``None``.
-    """
-
-    def __init__(self, exitcode: int | None, pid: int | None) -> None:
-        super().__init__(f"worker process {pid} died with exit code {exitcode}")
-        self.exitcode = exitcode
-        self.pid = pid
-        self.position: int | None = None
-
-
-@dataclass(eq=False, slots=True)
-class Blob:
-    """An object shipped to a worker once and cached there under ``key``.
-
-    ``category`` selects the worker-side cache (``"unit"``: tasks, ``"snapshot"``: store
-    indexes), each with its own size bound. ``serialise`` returns the bytes sent to a worker
-    (computed once, on first need).
-    """
-
-    key: str
-    obj: Any
-    category: str
-    serialise: Callable[[], bytes]
-    _data: bytes | None = field(default=None, repr=False)
-
-    def data(self) -> bytes:
-        if self._data is None:
-            self._data = self.serialise()
-        return self._data
-
-
-@dataclass(eq=False, slots=True)
-class Call:
-    """One call: ``fn(cancelled, *[b.obj for b in blobs], *args)``."""
-
-    fn: Callable[..., Any]
-    blobs: tuple[Blob, ...]
-    args: tuple[Any, ...]
 
 
 @runtime_checkable
@@ -130,7 +75,7 @@ class InlineExecutor:
         flag = threading.Event()
         self._flags[id(fut)] = flag
         try:
-            result = call.fn(flag.is_set, *[b.obj for b in call.blobs], *call.args)
+            result = call.fn(flag.is_set, call.deadline, *[b.obj for b in call.blobs], *call.args)
         except BaseException as exc:
             self._flags.pop(id(fut), None)
             if not isinstance(exc, Exception):

@@ -291,7 +291,8 @@ class _Pool:
                 cache.add(blob.key, None)
             keys.append((blob.key, blob.category))
         level = logging.root.getEffectiveLevel()
-        return ("call", job.seq, job.call.fn, new, keys, job.call.args, level)
+        call = job.call
+        return ("call", job.seq, call.fn, new, keys, call.args, call.deadline, level)
 
     def _send(self, slot: _Slot, job: _Job) -> None:
         try:

@@ -1,16 +1,12 @@
 """What one call of a unit does, in a worker or inline in the driver.
 
-The engine ships ``(UnitSpec, snapshot, attempt, deadline, run_id, token)``; this module
-runs the unit against a :class:`TaskStore` over the snapshot and returns an *outcome*
-tuple that pickles cheaply:
+The engine ships ``Call(run_unit_call, (unit blob, snapshot blob), (attempt, run_id, token,
+remote), deadline)``; this module runs the unit against a :class:`TaskStore` over the
+snapshot and returns a :class:`~cano_mp._wire.UnitOutcome`.
 
-    ("ok",  next_state, write_log, pid, started, ended)
-    ("err", error, traceback_text, pid, started, ended)
-
-``next_state`` is ``("i", n)`` when the state is the n-th of the workflow's state table
-(so an Enum defined in ``__main__`` is not re-pickled by value on every call), else
-``("v", value)``. ``error`` is the exception (inline) or its cloudpickle bytes (remote),
-or ``("unpicklable", type name, message)``.
+The next state is encoded as ``("i", n)`` when it is the n-th of the workflow's state
+table (so an Enum defined in ``__main__`` is not re-pickled by value on every call), else
+``("v", value)``.
 """
 
 from __future__ import annotations
@@ -23,11 +19,11 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from . import _context
-from ._codec import error_payload
 from ._context import TaskContext, _set_context
 from ._errors import Terminated
 from ._store import SnapshotData, TaskStore
 from ._task import Node, Task
+from ._wire import Timing, UnitOutcome, encode_error
 
 __all__ = ["UnitSpec", "run_unit_call"]
 
@@ -90,14 +86,14 @@ def execute_unit(unit: Any, store: TaskStore) -> Any:
 
 def run_unit_call(
     cancelled: Callable[[], bool],
+    deadline: float | None,
     spec: UnitSpec,
     snap: SnapshotData,
     attempt: int,
-    deadline: float | None,
     run_id: str,
     token: str,
     remote: bool,
-) -> tuple[Any, ...]:
+) -> UnitOutcome:
     """Run one attempt of ``spec.unit``; never raises for errors of the task itself."""
     pid = os.getpid()
     started = time.time()
@@ -113,8 +109,8 @@ def run_unit_call(
         raise
     except Exception as exc:
         store._finish(False)
-        tb = traceback.format_exc()
-        return ("err", error_payload(exc, remote), tb, pid, started, time.time())
+        failure = encode_error(exc, remote, traceback.format_exc())
+        return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
     except BaseException:
         store._finish(False)
         raise
@@ -123,13 +119,8 @@ def run_unit_call(
         _context.log_tags = None
     try:
         log = store._finish(True)
+        state = spec.encode_state(result)
     except Exception as exc:
-        return (
-            "err",
-            error_payload(exc, remote),
-            traceback.format_exc(),
-            pid,
-            started,
-            time.time(),
-        )
-    return ("ok", spec.encode_state(result), log, pid, started, time.time())
+        failure = encode_error(exc, remote, traceback.format_exc())
+        return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
+    return UnitOutcome(state, log, None, Timing(pid, started, time.time()))

@@ -2,7 +2,7 @@
 
 Messages on the worker's duplex pipe (one worker per pipe; FIFO both ways)::
 
-    driver -> worker   ("call", seq, fn, new_blobs, blob_keys, args, log_level)
+    driver -> worker   ("call", seq, fn, new_blobs, blob_keys, args, deadline, log_level)
                            new_blobs: [(key, category, bytes)] not yet cached here
                        ("stop",)
     worker -> driver   ("ok", seq, result) | ("exc", seq, text) | ("init_error", text)
@@ -252,7 +252,7 @@ def worker_main(
             return
         if msg[0] != "call":
             return
-        _, seq, fn, new_blobs, keys, args, level = msg
+        _, seq, fn, new_blobs, keys, args, deadline, level = msg
         if root.level != level:
             root.setLevel(level)
         for key, category, data in new_blobs:
@@ -272,7 +272,7 @@ def worker_main(
                     f"could not load {bad.key} in the worker: {bad.error}",
                 )
             else:
-                reply = ("ok", seq, fn(control, *objs, *args))
+                reply = ("ok", seq, fn(control, deadline, *objs, *args))
         except BaseException:
             reply = ("exc", seq, traceback.format_exc())
         control.end()

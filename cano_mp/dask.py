@@ -56,7 +56,6 @@ death is one failed attempt, as on cano_mp's own pool.
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
 import logging
 import os
@@ -91,7 +90,7 @@ from ._byvalue import (
 )
 from ._errors import CanoError, ConfigError
 from ._executor import CANCELLED, Blob, Call, WorkerDied
-from ._runner import run_unit_call
+from ._wire import UnitOutcome
 
 if TYPE_CHECKING:
     from distributed import Client  # type: ignore[import-not-found, unused-ignore]
@@ -184,8 +183,7 @@ class _Layout:
     snapshot_at: int  # which blob is a ValueSnapshot (-1: none)
     blobs: int
     segments: int
-    deadline_at: int  # index into the call's args of a deadline to re-base (-1: none)
-    remaining: float  # seconds the deadline had left when the call was submitted
+    remaining: float | None  # seconds the call's deadline had left when it was submitted
     sent: float  # time.time() at submission
 
 
@@ -208,16 +206,17 @@ def _run_remote(fn: Callable[..., Any], call_id: str, layout: _Layout, *rest: An
         snap = blobs[layout.snapshot_at]
         assert isinstance(snap, ValueSnapshot)
         blobs[layout.snapshot_at] = hold_snapshot(snap, segments)
-    if layout.deadline_at >= 0:
+    deadline = None
+    if layout.remaining is not None:  # re-based on this worker's clock
         waited = min(max(0.0, time.time() - layout.sent), max(0.0, layout.remaining))
-        args[layout.deadline_at] = time.monotonic() + layout.remaining - waited
+        deadline = time.monotonic() + layout.remaining - waited
 
     def cancelled() -> bool:
         return call_id in _flags
 
     _running.add(call_id)
     try:
-        out = fn(cancelled, *blobs, *args)
+        out = fn(cancelled, deadline, *blobs, *args)
     except BaseException as exc:
         if isinstance(exc, Exception):
             raise
@@ -229,26 +228,10 @@ def _run_remote(fn: Callable[..., Any], call_id: str, layout: _Layout, *rest: An
         _flags.pop(call_id, None)
         if snap is not None:
             release_snapshot(snap)
-    if fn is run_unit_call and out[0] == "ok":
-        packed, data = pack_log(out[2])
-        return ((*out[:2], packed, *out[3:]), data)
+    if isinstance(out, UnitOutcome) and out.ok:
+        packed, data = pack_log(out.log)
+        return (out._replace(log=packed), data)
     return (out, {})
-
-
-_param_indexes: dict[tuple[Any, str, int], int] = {}
-
-
-def _param_index(fn: Callable[..., Any], name: str, blobs: int) -> int:
-    """Index of parameter ``name`` of ``fn`` in a Call's ``args`` (-1 when absent)."""
-    found = _param_indexes.get((fn, name, blobs))
-    if found is None:
-        try:
-            params = list(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            params = []
-        found = params.index(name) - 1 - blobs if name in params else -1
-        _param_indexes[(fn, name, blobs)] = found
-    return found
 
 
 # -- driver side -------------------------------------------------------------------------------
@@ -479,13 +462,8 @@ class DaskExecutor:
         """The call's layout (fixed for every submission of it)."""
         call = job.call
         snapshot_at = next((i for i, b in enumerate(call.blobs) if b.category == "snapshot"), -1)
-        deadline_at = _param_index(call.fn, "deadline", len(call.blobs))
-        remaining = 0.0
-        if 0 <= deadline_at < len(call.args) and isinstance(call.args[deadline_at], float):
-            remaining = call.args[deadline_at] - time.monotonic()
-        else:
-            deadline_at = -1
-        job.layout = _Layout(snapshot_at, len(call.blobs), 0, deadline_at, remaining, time.time())
+        remaining = None if call.deadline is None else call.deadline - time.monotonic()
+        job.layout = _Layout(snapshot_at, len(call.blobs), 0, remaining, time.time())
 
     def _dispatch(self, job: _Job) -> None:
         """Submit the job's call to Dask (again, after its inputs were lost)."""
@@ -506,7 +484,6 @@ class DaskExecutor:
                 layout.snapshot_at,
                 layout.blobs,
                 len(segments),
-                layout.deadline_at,
                 layout.remaining,
                 layout.sent,
             )
@@ -664,7 +641,7 @@ class DaskExecutor:
         if data:
             snap = next(b.obj for b in job.call.blobs if b.category == "snapshot")
             try:
-                out = (*out[:2], unpack_log(out[2], data, snap[2]), *out[3:])
+                out = out._replace(log=unpack_log(out.log, data, snap[2]))
             except Exception as exc:
                 self._finish(job, error=exc)
                 return

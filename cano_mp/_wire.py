@@ -1,0 +1,271 @@
+"""What crosses a process (or thread) boundary between the engine and the code that runs a call.
+
+::
+
+    engine (driver)                     executor                          worker process
+    ---------------                     --------                          --------------
+    Call(fn, blobs, args, deadline) --> ships each Blob once per worker ->  BlobCache (LRU)
+                                        the rest per call --------------->  fn(control, deadline,
+                                                                               *blob objects, *args)
+    UnitOutcome / ChunkOutcome <------- resolves the call's future <-----  the outcome, or
+      failures as TaskFailure             (or WorkerDied / CANCELLED)        WorkerDied (it died)
+
+Every record here is a ``NamedTuple`` (cheap to pickle, readable by name, checked by mypy):
+
+- :class:`Call` — the function to run, the :class:`Blob` objects it takes (a task, a
+  snapshot index: shipped to a worker once and cached there by key) and its other
+  arguments; ``deadline`` is explicit so that an executor on another machine can re-base it
+  on the worker's clock without knowing the function.
+- :class:`UnitOutcome` — one attempt of a task: the next state (encoded) and the write log,
+  or a :class:`TaskFailure`; with its :class:`Timing`.
+- :class:`ChunkOutcome` — one BatchTask chunk: the results and :class:`ItemFailed` records.
+- :class:`TaskFailure` — a task's exception on its way back. One mechanism for every
+  remote error, as CPython's ``concurrent.futures`` does with ``_ExceptionWithTraceback``:
+  the worker pickles the exception (or, when it cannot, keeps its type name and message) with
+  its formatted traceback; :func:`decode_error` rebuilds it in the driver and attaches the
+  remote traceback as a note. An exception whose class cannot be rebuilt here becomes a
+  :class:`RemoteError` that keeps the original type name and message.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from ._errors import TaskError
+
+__all__ = [
+    "CANCELLED",
+    "Blob",
+    "BlobCache",
+    "Call",
+    "ChunkOutcome",
+    "ItemFailed",
+    "RemoteError",
+    "TaskFailure",
+    "Timing",
+    "UnitOutcome",
+    "WorkerDied",
+    "decode_error",
+    "encode_error",
+    "short_repr",
+]
+
+
+class _Cancelled:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CANCELLED"
+
+
+CANCELLED: Any = _Cancelled()
+"""What the future of a cancelled call resolves to once the call has stopped."""
+
+_repr = reprlib.Repr()
+_repr.maxstring = 200
+_repr.maxother = 200
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 10
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)`` capped at a few hundred characters (error messages never hold a
+    10 MB value)."""
+    try:
+        return _repr.repr(value)
+    except Exception as exc:  # a broken __repr__
+        return f"<{type(value).__name__} (repr failed: {type(exc).__name__})>"
+
+
+class RemoteError(Exception):
+    """Stands in for a task's exception that could not be rebuilt in the driver.
+
+    ``type_name`` is the original exception's type (qualified name); the message is kept.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+
+RemoteError.__module__ = "cano_mp"
+
+
+class WorkerDied(Exception):
+    """The process running a call died; ``exitcode`` is negative for a signal.
+
+    ``position`` is the item the call last reported working on, or ``None``.
+    """
+
+    def __init__(self, exitcode: int | None, pid: int | None) -> None:
+        super().__init__(f"worker process {pid} died with exit code {exitcode}")
+        self.exitcode = exitcode
+        self.pid = pid
+        self.position: int | None = None
+
+
+class Blob:
+    """An object shipped to a worker once and cached there under ``key``.
+
+    ``category`` selects the worker-side cache (``"unit"``: tasks, ``"snapshot"``: store
+    indexes), each with its own size bound. ``serialise`` returns the bytes sent to a worker
+    (computed once, on first need).
+    """
+
+    __slots__ = ("_data", "category", "key", "obj", "serialise")
+
+    def __init__(self, key: str, obj: Any, category: str, serialise: Callable[[], bytes]) -> None:
+        self.key = key
+        self.obj = obj
+        self.category = category
+        self.serialise = serialise
+        self._data: bytes | None = None
+
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = self.serialise()
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Blob({self.key!r}, {self.category})"
+
+
+class Call(NamedTuple):
+    """One call: ``fn(control, deadline, *[b.obj for b in blobs], *args)``.
+
+    ``control()`` is True once the caller asked the call to stop; ``deadline`` is a
+    ``time.monotonic()`` instant on the running process's clock, or None.
+    """
+
+    fn: Callable[..., Any]
+    blobs: tuple[Blob, ...]
+    args: tuple[Any, ...]
+    deadline: float | None = None
+
+
+class Timing(NamedTuple):
+    """Where and when a call ran: the worker's pid, and wall-clock start and end."""
+
+    pid: int
+    started: float
+    ended: float
+
+
+class TaskFailure(NamedTuple):
+    """A task's exception on its way back to the driver (see :func:`encode_error`)."""
+
+    type_name: str
+    message: str
+    payload: BaseException | bytes | None  # itself (inline), pickled (remote), or lost
+    traceback: str | None
+
+
+class UnitOutcome(NamedTuple):
+    """One attempt of a task: ``state`` (encoded) and ``log`` when it succeeded, else
+    ``failure``."""
+
+    state: Any
+    log: list[Any]
+    failure: TaskFailure | None
+    timing: Timing
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+class ItemFailed(NamedTuple):
+    """An item of a chunk that failed: ``kind`` is ``"err"`` (``failure`` says what) or
+    ``"timeout"``."""
+
+    position: int
+    kind: str
+    failure: TaskFailure | None
+
+
+class ChunkOutcome(NamedTuple):
+    """One BatchTask chunk: ``packed`` is ``(results, failures)`` — cloudpickled bytes when
+    it ran in another process — for the items it got to, in order."""
+
+    packed: Any
+    timing: Timing
+
+
+def encode_error(exc: BaseException, remote: bool, tb: str | None = None) -> TaskFailure:
+    """``exc`` as it travels back from a call: itself inline; pickled when remote (its type
+    name and message are kept in case it cannot be rebuilt on the other side)."""
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    if type(exc).__module__ == "builtins":
+        type_name = type(exc).__qualname__
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    if len(message) > 2000:
+        message = message[:2000] + f"... ({len(message)} characters)"
+    payload: BaseException | bytes | None = exc
+    if remote:
+        try:
+            payload = cloudpickle.dumps(exc)
+        except Exception:
+            payload = None
+    return TaskFailure(type_name, message, payload, tb)
+
+
+def decode_error(failure: TaskFailure) -> BaseException:
+    """Rebuild the exception a :class:`TaskFailure` carries, its remote traceback as a note."""
+    payload = failure.payload
+    exc: BaseException | None = payload if isinstance(payload, BaseException) else None
+    if isinstance(payload, bytes):
+        try:
+            loaded = cloudpickle.loads(payload)
+            if isinstance(loaded, BaseException):
+                exc = loaded
+        except Exception as load_exc:
+            exc = RemoteError(
+                failure.type_name,
+                f"{failure.message} (the exception could not be rebuilt in the driver: "
+                f"{type(load_exc).__name__}: {load_exc})",
+            )
+    if exc is None:
+        exc = RemoteError(failure.type_name, failure.message)
+    # a TaskError carries its worker traceback as .remote_traceback: no note
+    if failure.traceback is not None and not isinstance(exc, TaskError):
+        try:
+            exc.add_note(f"\nRemote traceback (from the worker):\n{failure.traceback}")
+        except Exception:
+            pass
+    return exc
+
+
+def _is_task_error(exc: BaseException) -> bool:
+    # A TaskError carries its own remote traceback (.remote_traceback); no note.
+    return any(
+        c.__name__ == "TaskError" and c.__module__.startswith("cano_mp") for c in type(exc).__mro__
+    )
+
+
+class BlobCache:
+    """A bounded LRU of blobs by key: the worker keeps the objects; the driver mirrors the
+    keys (same sizes, same order of use) to know what a worker holds without asking."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def touch(self, key: str) -> Any:
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def add(self, key: str, value: Any) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
