@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+from ._durations import limit
 from ._engine import Run, RunCancelled, _describe
 from ._errors import ConfigError, Terminated
 from ._progress import progress_bar
-from ._retry import to_seconds
 from ._store import SharedStore
 
 if TYPE_CHECKING:
@@ -62,13 +62,18 @@ class WaitStrategy:
 
     @classmethod
     def duration(cls, seconds: float | timedelta) -> WaitStrategy:
-        """Return after ``seconds``; cancel what still runs."""
-        return cls("duration", None, _seconds(seconds))
+        """Return after ``seconds``; cancel what still runs. ``math.inf``: ``forever()``."""
+        wait = _wait_seconds(seconds)
+        return cls("forever") if wait is None else cls("duration", None, wait)
 
     @classmethod
     def quota_or_duration(cls, n: int, seconds: float | timedelta) -> WaitStrategy:
-        """Return at ``n`` finished instances or after ``seconds``, whichever is first."""
-        return cls("quota_or_duration", _count(n), _seconds(seconds))
+        """Return at ``n`` finished instances or after ``seconds``, whichever is first.
+
+        ``math.inf`` seconds: ``quota(n)``.
+        """
+        count, wait = _count(n), _wait_seconds(seconds)
+        return cls("quota", count) if wait is None else cls("quota_or_duration", count, wait)
 
     def __repr__(self) -> str:
         args = ", ".join(str(a) for a in (self.n, self.seconds) if a is not None)
@@ -81,11 +86,11 @@ def _count(n: int) -> int:
     return n
 
 
-def _seconds(value: float | timedelta) -> float:
-    seconds = to_seconds(value, "duration")
-    if not seconds > 0:
-        raise ConfigError(f"the duration must be > 0 seconds, got {value!r}")
-    return seconds
+def _wait_seconds(value: float | timedelta) -> float | None:
+    """The duration of a wait strategy; ``None`` for ``math.inf`` (no limit)."""
+    if value is None:
+        raise ConfigError("the duration must be a number of seconds or a timedelta, got None")
+    return limit(value, "the duration")
 
 
 @dataclass(eq=False)

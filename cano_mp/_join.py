@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from ._durations import limit
 from ._errors import ConfigError
-from ._retry import to_seconds
 
 if TYPE_CHECKING:
     from ._errors import TaskError
@@ -149,6 +149,7 @@ class JoinConfig(Generic[S]):
         strategy: a :class:`JoinStrategy`.
         join_state: the state the workflow moves to when the join proceeds.
         timeout: seconds the join may take; at the timeout it decides with what it has.
+            ``None`` or ``math.inf``: no limit (a ``timedelta`` is accepted).
         max_parallel: bulkhead: at most this many branches run at once.
         result_key: store the :class:`SplitResult` under this key.
     """
@@ -170,9 +171,11 @@ class JoinConfig(Generic[S]):
     ) -> None:
         if not isinstance(strategy, JoinStrategy):
             raise ConfigError(f"strategy must be a JoinStrategy, got {strategy!r}")
-        seconds = None if timeout is None else to_seconds(timeout, "join timeout")
-        if seconds is not None and seconds <= 0:
-            raise ConfigError(f"join timeout must be > 0, got {timeout!r}")
+        seconds = limit(timeout, "join timeout")
+        if seconds is None and timeout is not None and strategy.kind == "partial_timeout":
+            raise ConfigError(
+                f"JoinStrategy.partial_timeout() needs a finite join timeout, got {timeout!r}"
+            )
         if max_parallel is not None and (
             isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
         ):

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from ._durations import limit, seconds, to_seconds
 from ._errors import ConfigError
 
 __all__ = ["RetryPolicy", "TaskConfig", "to_seconds"]
-
-
-def to_seconds(value: float | timedelta, what: str) -> float:
-    """Return ``value`` as float seconds (a ``timedelta`` is accepted); reject non-numbers."""
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{what} must be a number of seconds or a timedelta, got {value!r}")
-    seconds = float(value)
-    if math.isnan(seconds):
-        raise ConfigError(f"{what} must not be NaN")
-    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,17 +38,14 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ConfigError(f"retries must be an int >= 0, got {self.retries!r}")
-        for name in ("base_delay", "max_delay"):
-            value = getattr(self, name)
-            seconds = to_seconds(value, name)
-            if seconds < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value!r}")
-            object.__setattr__(self, name, seconds)
-        multiplier = to_seconds(self.multiplier, "multiplier")
-        if multiplier < 1.0:
-            raise ConfigError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        object.__setattr__(self, "base_delay", seconds(self.base_delay, "base_delay"))
+        # No cap on the delay reads naturally as max_delay=math.inf.
+        object.__setattr__(self, "max_delay", seconds(self.max_delay, "max_delay", inf=True))
+        multiplier = _number(self.multiplier, "multiplier")
+        if not 1.0 <= multiplier < math.inf:
+            raise ConfigError(f"multiplier must be >= 1 and finite, got {self.multiplier!r}")
         object.__setattr__(self, "multiplier", multiplier)
-        jitter = to_seconds(self.jitter, "jitter")
+        jitter = _number(self.jitter, "jitter")
         if not 0.0 <= jitter <= 1.0:
             raise ConfigError(f"jitter must be within [0, 1], got {self.jitter!r}")
         object.__setattr__(self, "jitter", jitter)
@@ -71,10 +58,8 @@ class RetryPolicy:
     @classmethod
     def fixed(cls, retries: int, delay: float | timedelta) -> RetryPolicy:
         """``retries`` retries, each after the same ``delay`` seconds."""
-        seconds = to_seconds(delay, "delay")
-        if seconds < 0:
-            raise ConfigError(f"delay must be >= 0, got {delay!r}")
-        return cls(retries, base_delay=seconds, multiplier=1.0, max_delay=seconds)
+        wait = seconds(delay, "delay")
+        return cls(retries, base_delay=wait, multiplier=1.0, max_delay=wait)
 
     @classmethod
     def exponential(
@@ -86,12 +71,15 @@ class RetryPolicy:
         max_delay: float | timedelta = 30.0,
         jitter: float = 0.1,
     ) -> RetryPolicy:
-        """Up to ``max_retries`` retries with exponentially growing, jittered delays."""
+        """Up to ``max_retries`` retries with exponentially growing, jittered delays.
+
+        ``max_delay=math.inf`` leaves the delay uncapped.
+        """
         return cls(
             max_retries,
-            base_delay=to_seconds(base_delay, "base_delay"),
+            base_delay=seconds(base_delay, "base_delay"),
             multiplier=multiplier,
-            max_delay=to_seconds(max_delay, "max_delay"),
+            max_delay=seconds(max_delay, "max_delay", inf=True),
             jitter=jitter,
         )
 
@@ -116,8 +104,18 @@ class RetryPolicy:
         delay = min(raw, self.max_delay)
         if self.jitter:
             delay *= 1.0 + self.jitter * self._rng.uniform(-1.0, 1.0)
-        return max(0.0, delay)
+        return min(max(0.0, delay), _LONGEST_DELAY)
 
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+# An uncapped exponential delay (max_delay=inf) still has to fit the platform's timers:
+# waits longer than threading.TIMEOUT_MAX (~292 years on Linux) overflow.
+_LONGEST_DELAY = threading.TIMEOUT_MAX / 4
 
 _DEFAULT_RETRY = RetryPolicy.exponential(3)
 
@@ -128,6 +126,7 @@ class TaskConfig:
 
     ``timeout`` bounds each attempt: an attempt that overruns is stopped (cooperative flag,
     then its worker is terminated) and counts as a failed attempt (``TaskTimeout``).
+    ``None`` or ``math.inf`` mean no limit (stored as ``None``); a ``timedelta`` is accepted.
     ``inline=True`` runs the task in the driver process instead of the pool.
     """
 
@@ -138,11 +137,7 @@ class TaskConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {self.retry!r}")
-        if self.timeout is not None:
-            seconds = to_seconds(self.timeout, "timeout")
-            if seconds <= 0 or math.isinf(seconds):
-                raise ConfigError(f"timeout must be > 0 and finite, got {self.timeout!r}")
-            object.__setattr__(self, "timeout", seconds)
+        object.__setattr__(self, "timeout", limit(self.timeout, "timeout"))
         if not isinstance(self.inline, bool):
             raise ConfigError(f"inline must be a bool, got {self.inline!r}")
 

@@ -77,10 +77,8 @@ class UnitSpec:
 
 
 def execute_unit(unit: Any, store: TaskStore) -> Any:
-    if isinstance(unit, Task):
-        return unit.run(store)
-    if isinstance(unit, Node):
-        return unit.post(store, unit.exec(unit.prep(store)))
+    if isinstance(unit, Task | Node):
+        return unit.run(store)  # Node.run: prep -> exec -> post, unless overridden
     return unit(store)
 
 

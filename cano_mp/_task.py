@@ -66,6 +66,9 @@ class Node(Generic[S, P, E]):
 
     ``prep(store)`` reads what ``exec`` needs, ``exec(prep_result)`` does the work without
     the store, and ``post(store, exec_result)`` writes results and returns the next state.
+
+    :meth:`run` chains the three; a subclass that overrides ``run(store)`` runs through its
+    own ``run`` instead (as in Cano), and may call ``super().run(store)``.
     """
 
     config: TaskConfig = TaskConfig()
@@ -82,6 +85,10 @@ class Node(Generic[S, P, E]):
     def post(self, store: SharedStore, exec_result: E) -> S:
         """Write the results and return the next state."""
         raise NotImplementedError(f"{type(self).__name__}.post() is not implemented")
+
+    def run(self, store: SharedStore) -> S:
+        """The whole unit: ``post(store, exec(prep(store)))``."""
+        return self.post(store, self.exec(self.prep(store)))
 
     @property
     def name(self) -> str:
@@ -253,7 +260,8 @@ def declared_next_states(unit: object) -> tuple[Any, ...] | None:
         return tuple(declared)
     method: Callable[..., Any] | None = None
     if isinstance(unit, Node):
-        method = unit.post
+        # An overridden run() says what the unit returns; otherwise post() does.
+        method = unit.run if type(unit).run is not Node.run else unit.post
     elif isinstance(unit, BatchTask):
         method = unit.finish
     elif isinstance(unit, Task):

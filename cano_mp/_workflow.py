@@ -12,13 +12,15 @@ from datetime import timedelta
 from typing import Any, Generic, Literal, Self, TypeVar
 
 from ._batch import BatchTask, batch_problems
+from ._durations import limit, seconds
 from ._engine import CANCEL_GRACE, Plan, Quota, Run, StateEntry, is_hashable, make_unit_ref
 from ._errors import ConfigError
 from ._executor import Executor, InlineExecutor
 from ._join import JoinConfig
+from ._log import get_logger
 from ._observe import Observer, Observers
 from ._process import ProcessExecutor
-from ._retry import TaskConfig, to_seconds
+from ._retry import TaskConfig
 from ._store import SharedStore
 from ._task import (
     Node,
@@ -34,6 +36,7 @@ __all__ = ["Workflow"]
 
 S = TypeVar("S", bound=Hashable)
 _uids = itertools.count(1)
+_log = get_logger("cano_mp.workflow")
 
 
 @dataclass(eq=False)
@@ -73,12 +76,16 @@ class Workflow(Generic[S]):
         start: the initial state when ``orchestrate()`` gets none.
         executor: ``"process"`` (default: the shared loky pool), ``"inline"`` (in the
             driver: debugging) or an :class:`Executor`.
-        timeout: wall-clock budget of one run (``WorkflowTimeout`` when it expires).
+        timeout: wall-clock budget of one run (``WorkflowTimeout`` when it expires);
+            ``None`` or ``math.inf``: no limit.
         max_parallel: most pool slots this workflow holds at once, across its runs.
         name: used in logs, errors and diagrams.
         observers: :class:`Observer` objects notified as runs progress.
         cancel_grace: seconds a timed-out or cancelled call gets to return by itself
-            before its worker is killed.
+            before its worker is killed (finite: timed-out work must be stopped).
+
+    Durations are float seconds or ``datetime.timedelta``; ``nan`` and negatives are a
+    :class:`ConfigError`.
     """
 
     def __init__(
@@ -91,7 +98,7 @@ class Workflow(Generic[S]):
         max_parallel: int | None = None,
         name: str | None = None,
         observers: Iterable[Observer] = (),
-        cancel_grace: float = CANCEL_GRACE,
+        cancel_grace: float | timedelta = CANCEL_GRACE,
     ) -> None:
         if store is not None and not isinstance(store, SharedStore):
             raise ConfigError(f"store must be a SharedStore, got {store!r}")
@@ -103,9 +110,8 @@ class Workflow(Generic[S]):
             raise ConfigError(
                 f"executor must be 'process', 'inline' or an Executor, got {executor!r}"
             )
-        seconds = None if timeout is None else to_seconds(timeout, "timeout")
-        if seconds is not None and seconds <= 0:
-            raise ConfigError(f"timeout must be > 0, got {timeout!r}")
+        budget = limit(timeout, "timeout")
+        grace = seconds(cancel_grace, "cancel_grace")
         if max_parallel is not None and (
             isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
         ):
@@ -118,15 +124,14 @@ class Workflow(Generic[S]):
         self._start = start
         self._executor_arg: Executor | str = executor if executor is not None else "process"
         self._executor: Executor | None = executor if isinstance(executor, Executor) else None
-        self.timeout = seconds
+        self.timeout = budget
         self.max_parallel = max_parallel
         self.name = name or "workflow"
         self._observers = Observers(observers)
-        self.cancel_grace = float(cancel_grace)
+        self.cancel_grace = grace
         self._uid = next(_uids)
         self._regs: dict[Any, _Registration] = {}
         self._order: list[Any] = []
-        self._duplicates: list[Any] = []
         self._exits: list[Any] = []
         self._version = 0
         self._plan: Plan | None = None
@@ -141,18 +146,25 @@ class Workflow(Generic[S]):
             raise ConfigError(f"{what}: states must be hashable, got {state!r}")
 
     def _add(self, reg: _Registration) -> Self:
+        # Registering a state again replaces its task (re-running a notebook cell must not
+        # leave a workflow that can never run); the state keeps its place in the order.
         if reg.state in self._regs:
-            self._duplicates.append(reg.state)
+            _log.debug(
+                "workflow %r: state %s registered again; its task is replaced",
+                self.name,
+                _label(reg.state),
+            )
         else:
-            self._regs[reg.state] = reg
             self._order.append(reg.state)
+        self._regs[reg.state] = reg
         self._version += 1
         return self
 
     def register(self, state: S, task: TaskLike, *, config: TaskConfig | None = None) -> Self:
         """Run ``task`` (a Task, a Node, a ``@task`` function or ``fn(store)``) in ``state``.
 
-        ``config`` overrides the task's own ``config``.
+        ``config`` overrides the task's own ``config``. Registering a state again (with
+        ``register`` or ``register_split``) replaces what it ran.
         """
         self._check_state(state, "register()")
         unit = as_unit(task, what=f"register({_label(state)})")
@@ -169,7 +181,10 @@ class Workflow(Generic[S]):
         return self._add(_Registration(state, [unit], [cfg], None, problems))
 
     def register_split(self, state: S, tasks: Iterable[TaskLike], join: JoinConfig[S]) -> Self:
-        """Run ``tasks`` in parallel in ``state``; continue as ``join`` decides."""
+        """Run ``tasks`` in parallel in ``state``; continue as ``join`` decides.
+
+        Registering a state again replaces what it ran.
+        """
         self._check_state(state, "register_split()")
         if not isinstance(join, JoinConfig):
             raise ConfigError(f"join must be a JoinConfig, got {join!r}")
@@ -241,14 +256,13 @@ class Workflow(Generic[S]):
     def _problems(self) -> list[str]:
         problems: list[str] = []
         exits = set(self._exits)
-        for s in dict.fromkeys(self._duplicates):
-            problems.append(f"state {_label(s)} is registered more than once")
         for s in self._exits:
             if s in self._regs:
                 problems.append(f"exit state {_label(s)} also has a task")
         if not self._exits:
             problems.append("no exit state: add one with add_exit_state()")
-        if self._start is not None and self._start not in self._regs:
+        # A start state that is an exit state is valid: orchestrate() returns it at once.
+        if self._start is not None and self._start not in self._regs and self._start not in exits:
             problems.append(f"start state {_label(self._start)} has no task")
         if self.max_parallel is not None and self.max_parallel < 1:
             problems.append(f"max_parallel must be >= 1, got {self.max_parallel}")
@@ -387,7 +401,11 @@ class Workflow(Generic[S]):
 
     # -- showing -------------------------------------------------------------------------
     def to_mermaid(self) -> str:
-        """A Mermaid ``stateDiagram-v2`` of the states, declared transitions and exits."""
+        """A Mermaid ``stateDiagram-v2`` of the states, declared transitions and exits.
+
+        Every registered state is drawn; one whose task declares no next states has a
+        dashed border and a note (its transitions are known only when it runs).
+        """
         ids: dict[Any, str] = {}
         used: set[str] = set()
 
@@ -404,16 +422,23 @@ class Workflow(Generic[S]):
             return ids[state]
 
         lines = ["stateDiagram-v2"]
-        for state in [*self._order, *self._exits]:
+        for state in dict.fromkeys([*self._order, *self._exits]):
             sid = ident(state)
+            # Declared on a line of its own, a state is drawn even without transitions.
             if sid != _label(state):
                 lines.append(f'    state "{_label(state)}" as {sid}')
+            else:
+                lines.append(f"    {sid}")
+        undeclared: list[str] = []
         if self._start is not None:
             lines.append(f"    [*] --> {ident(self._start)}")
         for state in self._order:
             reg = self._regs[state]
             if reg.join is None:
-                for nxt in declared_next_states(reg.units[0]) or ():
+                declared = declared_next_states(reg.units[0])
+                if declared is None:
+                    undeclared.append(ident(state))
+                for nxt in declared or ():
                     if is_hashable(nxt):
                         lines.append(f"    {ident(state)} --> {ident(nxt)}")
             else:
@@ -424,6 +449,11 @@ class Workflow(Generic[S]):
                 )
         for state in self._exits:
             lines.append(f"    {ident(state)} --> [*]")
+        if undeclared:
+            lines.append("    classDef undeclared stroke-dasharray: 5 5")
+            lines.append(f"    class {', '.join(undeclared)} undeclared")
+            for sid in undeclared:
+                lines.append(f"    note right of {sid}: next states not declared")
         return "\n".join(lines) + "\n"
 
     def _repr_markdown_(self) -> str:

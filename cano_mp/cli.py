@@ -3,7 +3,8 @@
 ::
 
     cano-mp run   PATH.py:NAME | module:NAME [--state MEMBER] [--workers N] [--log-level LEVEL]
-    cano-mp graph PATH.py:NAME | module:NAME
+                  [--set KEY=JSON ...] [--store-json FILE]
+    cano-mp graph PATH.py:NAME | module:NAME [--log-level LEVEL]
     cano-mp serve PATH.py:NAME | module:NAME [--status-file PATH] [--stop-timeout S]
                   [--log-level LEVEL]
 
@@ -11,6 +12,13 @@ Exit codes: 0 success (for ``serve``: a graceful stop on SIGINT / SIGTERM), 1 th
 failed (the error and the worker's traceback on stderr; for ``serve``: running flows had to
 be cancelled at the stop timeout), 2 bad usage or configuration (one clear line), 130
 interrupted (Ctrl-C during ``run``).
+
+Targets are imported as ``python -m`` would: ``run`` and ``graph`` put the current directory
+on the import path (unless ``python -P`` / ``PYTHONSAFEPATH``); ``serve`` does not add it
+(a daemon should not import from wherever it was started). A target that fails to import
+(a syntax error, an exception raised at import) or a factory that raises is bad
+configuration: one line naming the file, the line and the error; ``--log-level DEBUG`` adds
+the traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import argparse
 import enum
 import importlib
+import importlib.util
+import json
 import logging
 import os
 import runpy
@@ -38,6 +48,72 @@ class UsageError(Exception):
     """Bad usage: reported as one line, exit code 2."""
 
 
+class TargetError(UsageError):
+    """The target failed to import or to build: one line, plus the traceback at DEBUG."""
+
+    def __init__(self, message: str, details: str) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _raised_at(exc: BaseException, origin: str | None) -> str | None:
+    """``file:line`` in the user's code where ``exc`` came from: the deepest frame in the
+    target's own file, else the deepest frame outside the import machinery."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith("<frozen")
+        and f.filename != runpy.__file__
+        and os.path.dirname(os.path.abspath(f.filename)) != os.path.dirname(__file__)
+    ]
+    if origin is not None:
+        own = [f for f in frames if os.path.abspath(f.filename) == origin]
+        if own:
+            frames = own
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+
+
+def _target_failed(what: str, exc: Exception, origin: str | None) -> TargetError:
+    """A one-line TargetError for ``exc`` raised while importing or building a target."""
+    details = "".join(traceback.format_exception(exc)).rstrip()
+    if isinstance(exc, SyntaxError):  # IndentationError and TabError included
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else "?"
+        return TargetError(
+            f"cannot {what}: {type(exc).__name__} at {where}: {exc.msg or 'invalid syntax'}",
+            details,
+        )
+    at = _raised_at(exc, origin)
+    return TargetError(
+        f"cannot {what}: {type(exc).__name__}: {_one_line(str(exc)) or '(no message)'}"
+        + (f" (at {at})" if at else "")
+        + "; --log-level DEBUG shows the traceback",
+        details,
+    )
+
+
+def _module_origin(name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except Exception:  # a parent package that fails to import: no file to name
+        return None
+    origin = spec.origin if spec is not None else None
+    return os.path.abspath(origin) if origin and os.path.isfile(origin) else None
+
+
+def _put_cwd_on_path() -> None:
+    """What ``python -m`` does: the current directory first on the import path, unless
+    ``-P`` / ``PYTHONSAFEPATH`` asks for safe-path semantics."""
+    if sys.flags.safe_path:
+        return
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _split_target(target: str) -> tuple[str, str]:
     source, sep, name = target.rpartition(":")
     if not sep or not source or not name:
@@ -45,9 +121,15 @@ def _split_target(target: str) -> tuple[str, str]:
     return source, name
 
 
-def load_object(target: str) -> Any:
-    """Load ``NAME`` from ``PATH.py`` or from an importable module."""
+def load_object(target: str, *, cwd_on_path: bool = False) -> Any:
+    """Load ``NAME`` from ``PATH.py`` or from an importable module.
+
+    ``cwd_on_path``: import as ``python -m`` does, with the current directory on the path
+    (``cano-mp run`` and ``graph``); ``-P`` / ``PYTHONSAFEPATH`` is honoured.
+    """
     source, name = _split_target(target)
+    if cwd_on_path:
+        _put_cwd_on_path()
     if source.endswith(".py") or os.sep in source:
         if not os.path.isfile(source):
             raise UsageError(f"no such file: {source}")
@@ -57,25 +139,41 @@ def load_object(target: str) -> Any:
             sys.path.insert(0, directory)
         # Run as a non-importable module so that cloudpickle sends its functions and classes
         # to the workers by value, as for a script's __main__ (nothing re-runs there).
-        namespace = runpy.run_path(path, run_name="__cano_mp_main__")
+        try:
+            namespace = runpy.run_path(path, run_name="__cano_mp_main__")
+        except Exception as exc:
+            raise _target_failed(f"load {source}", exc, path) from exc
         if name not in namespace:
             raise UsageError(f"{source} defines no {name!r}")
         return namespace[name]
     try:
         module = importlib.import_module(source)
-    except ImportError as exc:
-        raise UsageError(f"cannot import module {source!r}: {exc}") from exc
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (source == missing or source.startswith(missing + ".")):
+            raise UsageError(f"cannot import module {source!r}: {exc}") from exc
+        raise _target_failed(f"import module {source!r}", exc, _module_origin(source)) from exc
+    except Exception as exc:
+        raise _target_failed(f"import module {source!r}", exc, _module_origin(source)) from exc
     try:
         return getattr(module, name)
     except AttributeError:
         raise UsageError(f"module {source!r} has no attribute {name!r}") from None
 
 
-def load_target(target: str, kind: type[Any] = Workflow) -> Any:
+def load_target(target: str, kind: type[Any] = Workflow, *, cwd_on_path: bool = False) -> Any:
     """Load a ``kind`` object, or call a zero-argument function that returns one."""
-    obj = load_object(target)
+    obj = load_object(target, cwd_on_path=cwd_on_path)
     if not isinstance(obj, kind) and callable(obj) and not isinstance(obj, type):
-        obj = obj()
+        try:
+            obj = obj()
+        except (ConfigError, UsageError):
+            raise
+        except Exception as exc:
+            origin = getattr(getattr(obj, "__code__", None), "co_filename", None)
+            raise _target_failed(
+                f"build {target}", exc, os.path.abspath(origin) if origin else None
+            ) from exc
     if not isinstance(obj, kind):
         raise UsageError(
             f"{target} is a {type(obj).__name__}, not a {kind.__name__} "
@@ -109,8 +207,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state", help="initial state (an Enum member name)")
     run.add_argument("--workers", type=int, help="worker processes (default: usable CPUs)")
     run.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="set_values",
+        metavar="KEY=JSON",
+        help="put KEY in the store before the run, its value parsed as JSON (repeatable; "
+        "quote strings: --set name='\"x\"'); wins over --store-json for the same key",
+    )
+    run.add_argument(
+        "--store-json",
+        metavar="FILE",
+        help="put every key of FILE's JSON object in the store before the run",
+    )
     graph = sub.add_parser("graph", help="print a workflow's Mermaid diagram")
     graph.add_argument("target", help="PATH.py:NAME or module:NAME")
+    graph.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     serve = sub.add_parser(
         "serve", help="run a Scheduler as a daemon until SIGINT / SIGTERM (graceful stop)"
     )
@@ -160,15 +273,52 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_seed(store_json: str | None, settings: Sequence[str]) -> dict[str, Any]:
+    """The keys ``--store-json FILE`` and ``--set KEY=JSON`` put in the store (``--set``
+    wins for a key in both)."""
+    seed: dict[str, Any] = {}
+    if store_json is not None:
+        try:
+            with open(store_json, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except OSError as exc:
+            raise UsageError(f"--store-json: cannot read {store_json}: {exc.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(
+                f"--store-json: {store_json} is not valid JSON: {_one_line(str(exc))}"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise UsageError(
+                f"--store-json: {store_json} must hold a JSON object of keys and values, "
+                f"got a {type(loaded).__name__}"
+            )
+        seed.update(loaded)
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set needs KEY=JSON, got {setting!r}")
+        try:
+            seed[key] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"--set {key}: {text!r} is not valid JSON ({exc.msg}); "
+                f"strings need JSON quotes: --set {key}='\"{text}\"'"
+            ) from None
+    return seed
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    flow = load_target(args.target)
+    seed = _store_seed(args.store_json, args.set_values)
+    flow = load_target(args.target, cwd_on_path=True)
     if args.workers is not None:
         flow._use_workers(args.workers)
     initial = _find_state(flow, args.state) if args.state else None
     flow.validate()
+    for key, value in seed.items():
+        flow.store[key] = value
     started = time.monotonic()
     try:
         final = flow.orchestrate(initial)
@@ -198,10 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "serve":
             return _cmd_serve(args)
-        flow = load_target(args.target)
+        _logging(args.log_level)
+        flow = load_target(args.target, cwd_on_path=True)
         sys.stdout.write(flow.to_mermaid())
         return 0
     except UsageError as exc:
+        if isinstance(exc, TargetError) and str(args.log_level).upper() == "DEBUG":
+            print(exc.details, file=sys.stderr)
         _fail(str(exc))
     except ConfigError as exc:
         _fail(" ".join(str(exc).split("\n")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -261,7 +262,6 @@ def test_validate_reports_every_problem_at_once() -> None:
     flow = (
         Workflow(start=S.C, max_parallel=0)
         .register(S.A, finish)
-        .register(S.A, finish)
         .register_split(S.B, [], JoinConfig(JoinStrategy.all(), S.FAILED))
         .register_split(S.FAILED, [finish, finish], JoinConfig(JoinStrategy.quorum(3), S.DONE))
     )
@@ -269,7 +269,6 @@ def test_validate_reports_every_problem_at_once() -> None:
         flow.validate()
     text = str(info.value)
     for expected in (
-        "registered more than once",
         "no exit state",
         "start state C has no task",
         "has no tasks",
@@ -485,3 +484,125 @@ def test_task_writes_into_array_allocated_in_the_task(executor: object, store: S
 
 def test_repr_names_the_workflow() -> None:
     assert "etl" in repr(Workflow(name="etl"))
+
+
+# -- second release: re-registration, start at an exit state, Node.run, diagrams ----------
+
+
+@task(next=(S.DONE,))
+def mark_first(store: SharedStore) -> S:
+    store["ran"] = "first"
+    return S.DONE
+
+
+@task(next=(S.DONE,))
+def mark_second(store: SharedStore) -> S:
+    store["ran"] = "second"
+    return S.DONE
+
+
+def test_registering_a_state_again_replaces_its_task(
+    executor: object, store: SharedStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow = Workflow(start=S.A, executor=executor, name="nb").add_exit_state(S.DONE)  # type: ignore[arg-type]
+    flow.register(S.A, mark_first)
+    assert flow.orchestrate(store=store) is S.DONE and store["ran"] == "first"
+    with caplog.at_level(logging.DEBUG, logger="cano_mp.workflow"):
+        flow.register(S.A, mark_second)  # the notebook habit: re-run the cell
+    assert any("registered again" in r.getMessage() for r in caplog.records)
+    flow.validate()
+    assert flow.orchestrate(store=store) is S.DONE and store["ran"] == "second"
+    assert flow.states == [S.A]
+
+
+def test_register_split_replaces_a_registered_state_and_back(
+    executor: object, store: SharedStore
+) -> None:
+    flow = (
+        Workflow(start=S.A, executor=executor)  # type: ignore[arg-type]
+        .register(S.A, mark_first)
+        .register(S.B, finish)
+        .add_exit_state(S.DONE)
+    )
+    flow.register_split(S.A, [mark_second, mark_second], JoinConfig(JoinStrategy.all(), S.DONE))
+    assert flow.orchestrate(store=store) is S.DONE and store["ran"] == "second"
+    assert flow.states == [S.A, S.B]  # the state keeps its place
+    flow.register(S.A, mark_first)
+    assert flow.orchestrate(store=store) is S.DONE and store["ran"] == "first"
+
+
+def test_registering_an_exit_state_is_still_reported_by_validate() -> None:
+    for flow in (
+        Workflow(start=S.A).register(S.A, finish).add_exit_state(S.DONE).register(S.DONE, finish),
+        Workflow(start=S.A).register(S.A, finish).register(S.DONE, finish).add_exit_state(S.DONE),
+    ):
+        with pytest.raises(ConfigError, match="exit state DONE also has a task"):
+            flow.validate()
+
+
+def test_start_at_an_exit_state_returns_it_at_once(executor: object, store: SharedStore) -> None:
+    flow = Workflow(start=S.DONE, executor=executor).register(S.A, finish).add_exit_state(S.DONE)  # type: ignore[arg-type]
+    flow.validate()
+    assert flow.orchestrate(store=store) is S.DONE
+    assert "trail" not in store  # no task ran
+    bare = Workflow(start=S.DONE, executor=executor).add_exit_state(S.DONE)  # type: ignore[arg-type]
+    assert bare.orchestrate() is S.DONE
+
+
+def test_start_state_neither_registered_nor_exit_is_still_a_config_error() -> None:
+    flow = Workflow(start=S.C).register(S.A, finish).add_exit_state(S.DONE)
+    with pytest.raises(ConfigError, match="start state C has no task"):
+        flow.validate()
+
+
+class ScaleWithOwnRun(Scale):
+    """A Node that overrides run(): the override decides, as in Cano."""
+
+    def run(self, store: SharedStore) -> Literal[S.B]:  # type: ignore[override]
+        store["own_run"] = os.getpid()
+        store["via_super"] = super().run(store).name
+        return S.B
+
+
+def test_node_run_override_is_honoured(executor: object, store: SharedStore) -> None:
+    store["x"] = np.arange(10, dtype=np.float64)
+    flow = (
+        Workflow(executor=executor)  # type: ignore[arg-type]
+        .register(S.A, ScaleWithOwnRun())
+        .register(S.B, finish)
+        .add_exit_state(S.DONE)
+    )
+    assert flow.orchestrate(S.A, store=store) is S.DONE
+    assert "own_run" in store and store["via_super"] == "DONE"
+    assert store["total"] == 90.0  # prep/exec/post ran once, through super().run()
+    assert store["trail"] == ["B"]
+
+
+def test_node_run_override_declares_its_next_states() -> None:
+    flow = Workflow().register(S.A, ScaleWithOwnRun()).add_exit_state(S.DONE)
+    with pytest.raises(ConfigError, match="next state B"):
+        flow.validate()  # from run()'s Literal[S.B], not post()'s annotation
+    assert "A --> B" in flow.register(S.B, finish).to_mermaid()
+
+
+def undeclared(store: SharedStore) -> S:
+    return S.DONE
+
+
+def test_to_mermaid_draws_states_without_declared_transitions() -> None:
+    flow = (
+        Workflow(start=S.A)
+        .register(S.A, put_pid)  # @task without next=: nothing declared
+        .register(S.B, finish)
+        .register(S.C, undeclared)  # reached by no declared edge at all
+        .add_exit_state(S.DONE)
+    )
+    lines = [ln.strip() for ln in flow.to_mermaid().splitlines()]
+    for state in ("A", "B", "C", "DONE"):
+        assert state in lines, state  # every state is declared, so drawn
+    assert "B --> DONE" in lines
+    assert "class A, C undeclared" in lines
+    assert any(ln.startswith("classDef undeclared") and "dasharray" in ln for ln in lines)
+    assert "note right of A: next states not declared" in lines
+    assert "note right of C: next states not declared" in lines
+    assert not any(ln.startswith("note right of B") for ln in lines)
