@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cano_mp import ConfigError
-from cano_mp._triggers import CronSchedule, IntervalGrid, local_zone, resolve_zone
+from cano_mp._scheduler.triggers import CronSchedule, IntervalGrid, local_zone, resolve_zone
 
 
 def fires(expr: str, tz: str, start: datetime, n: int) -> list[datetime]:
