@@ -1,4 +1,5 @@
-"""The :class:`Scheduler`: registration, the scheduler thread, start and stop.
+"""The :class:`Scheduler`: the scheduler thread, start, stop and control of flows (its
+registration verbs come from ``registration``).
 
 The thread only decides, under the scheduler's lock, with the functions of ``flows``; runs
 are :class:`~.runs.Job` objects executed in a run pool of threads; reports go through
@@ -14,22 +15,17 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta, tzinfo
-from typing import TYPE_CHECKING, Any, Unpack
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
 
-from .._concurrent import WaitStrategy
 from .._errors import CanoError, ConfigError
 from .._log import get_logger
-from .._retry import to_seconds
 from .flows import (
     Decision,
     Flow,
-    FlowOptions,
     FlowSpec,
     FlowState,
-    Instances,
     Queue,
     Skip,
     arm,
@@ -41,12 +37,10 @@ from .flows import (
     seconds_until_due,
     take_tick,
 )
+from .registration import Registration
 from .runs import Job
 from .status import FlowInfo, FlowStatus, write_status_file
-from .triggers import CronSchedule, Every, Mode, duration
-
-if TYPE_CHECKING:
-    from .._workflow import Workflow
+from .triggers import duration
 
 __all__ = ["Scheduler"]
 
@@ -61,7 +55,7 @@ def _wall_now() -> datetime:
     return datetime.now(UTC)
 
 
-class Scheduler:
+class Scheduler(Registration):
     """Runs workflows on intervals, cron expressions or by hand, from one background
     thread::
 
@@ -113,8 +107,8 @@ class Scheduler:
         self.lateness: deque[float] = deque(maxlen=100_000)
         """Seconds between each run's due time and its start (latest 100,000)."""
 
-    # -- registration ----------------------------------------------------------------------
-    def _add(self, spec: FlowSpec) -> Scheduler:
+    # -- registration (the verbs are in registration.py) ------------------------------------
+    def _add(self, spec: FlowSpec) -> Self:
         with self._lock:
             if spec.id in self._flows:
                 raise ConfigError(f"a flow with id {spec.id!r} is already registered")
@@ -125,144 +119,6 @@ class Scheduler:
                 arm(spec, flow.state, time.monotonic(), _wall_now())
         self._wake.set()
         return self
-
-    def every(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        interval: float | timedelta,
-        *,
-        mode: Mode = "rate",
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """Run ``workflow`` at ``start()``, then every ``interval``: on a fixed grid
-        anchored at ``start()`` (``mode="rate"``, no drift; a tick that finds the previous
-        run going meets the overlap policy), or ``interval`` after each run ends
-        (``mode="delay"``)."""
-        every = Every(to_seconds(interval, "interval"), mode)
-        return self._add(FlowSpec.build(flow_id, workflow, initial_state, every, options))
-
-    def every_seconds(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        n: float,
-        *,
-        mode: Mode = "rate",
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """``every(..., n)`` seconds."""
-        return self.every(flow_id, workflow, initial_state, n, mode=mode, **options)
-
-    def every_minutes(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        n: float,
-        *,
-        mode: Mode = "rate",
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """``every(..., n * 60)``."""
-        interval = _scaled(n, 60)
-        return self.every(flow_id, workflow, initial_state, interval, mode=mode, **options)
-
-    def every_hours(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        n: float,
-        *,
-        mode: Mode = "rate",
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """``every(..., n * 3600)``."""
-        interval = _scaled(n, 3600)
-        return self.every(flow_id, workflow, initial_state, interval, mode=mode, **options)
-
-    def cron(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        expr: str,
-        *,
-        tz: str | tzinfo | None = None,
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """Run at the times of the cron expression ``expr`` (5 fields, 6 with seconds
-        last, or ``@hourly @daily @weekly @monthly @yearly``) in time zone ``tz`` (default:
-        the local zone, with its DST rules)."""
-        schedule = CronSchedule(expr, tz)
-        return self._add(FlowSpec.build(flow_id, workflow, initial_state, schedule, options))
-
-    def manual(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """A flow that runs only when :meth:`trigger` is called."""
-        return self._add(FlowSpec.build(flow_id, workflow, initial_state, None, options))
-
-    def every_concurrent(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        interval: float | timedelta,
-        *,
-        instances: int,
-        wait: WaitStrategy | None = None,
-        max_concurrency: int | None = None,
-        mode: Mode = "rate",
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """Like :meth:`every`; each run is ``ConcurrentWorkflow(workflow,
-        max_concurrency).execute(instances, wait=wait)`` on fresh stores. A run fails
-        when an instance failed."""
-        every = Every(to_seconds(interval, "interval"), mode)
-        many = Instances(instances, wait, max_concurrency)
-        return self._add(FlowSpec.build(flow_id, workflow, initial_state, every, options, many))
-
-    def cron_concurrent(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        expr: str,
-        *,
-        instances: int,
-        wait: WaitStrategy | None = None,
-        max_concurrency: int | None = None,
-        tz: str | tzinfo | None = None,
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """Like :meth:`cron`, running ``instances`` concurrent instances each time."""
-        schedule = CronSchedule(expr, tz)
-        many = Instances(instances, wait, max_concurrency)
-        spec = FlowSpec.build(flow_id, workflow, initial_state, schedule, options, many)
-        return self._add(spec)
-
-    def manual_concurrent(
-        self,
-        flow_id: str,
-        workflow: Workflow[Any],
-        initial_state: Hashable,
-        *,
-        instances: int,
-        wait: WaitStrategy | None = None,
-        max_concurrency: int | None = None,
-        **options: Unpack[FlowOptions],
-    ) -> Scheduler:
-        """Like :meth:`manual`, running ``instances`` concurrent instances each time."""
-        many = Instances(instances, wait, max_concurrency)
-        return self._add(FlowSpec.build(flow_id, workflow, initial_state, None, options, many))
 
     # -- control -------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -570,12 +426,6 @@ class Scheduler:
             write_status_file(path, self.list(), _wall_now(), stopped=stopped)
         except OSError as exc:
             log.error("could not write the status file %s: %s", path, exc)
-
-
-def _scaled(n: float, factor: int) -> float:
-    if isinstance(n, bool) or not isinstance(n, int | float):
-        raise ConfigError(f"expected a number, got {n!r}")
-    return float(n) * factor
 
 
 def _fmt_wall(due: float, mono: float) -> str:

@@ -178,7 +178,10 @@ CRON_FIELDS = (
     ("day-of-week", 0, 7),
     ("second", 0, 59),
 )
-_SHAPE = "5 fields (minute hour day-of-month month day-of-week), 6 with seconds last, or @hourly"
+_SHAPE = (
+    "5 fields (minute hour day-of-month month day-of-week), 6 with seconds last, "
+    "or @hourly, @daily, @weekly, @monthly, @yearly"
+)
 
 
 def _field_problem(fields: list[str]) -> str:
@@ -230,9 +233,13 @@ class CronSchedule:
         if after.tzinfo is None:
             raise ValueError("after must be an aware datetime")
         after_utc = after.astimezone(UTC)
-        # croniter iterates naive wall-clock times; start two hours early so that a time in
-        # a repeated hour is seen again (and dropped: it already fired), never missed.
-        wall = after_utc.astimezone(self.zone).replace(tzinfo=None) - timedelta(hours=2)
+        # croniter iterates naive wall-clock times. Near a change of UTC offset, start two
+        # hours early so that a time in a repeated hour is seen again (and dropped: it
+        # already fired), never missed; elsewhere start at once (a per-second expression
+        # would iterate 7,200 times).
+        wall = after_utc.astimezone(self.zone).replace(tzinfo=None)
+        if self._offset_changes_near(after_utc):
+            wall -= timedelta(hours=2)
         it = croniter(self._fields, wall)
         try:
             for _ in range(100_000):
@@ -243,6 +250,12 @@ class CronSchedule:
         except CroniterBadDateError:
             pass
         raise ConfigError(f"cron expression {self.expr!r} never fires")
+
+    def _offset_changes_near(self, instant: datetime) -> bool:
+        offsets = {
+            (instant + timedelta(hours=h)).astimezone(self.zone).utcoffset() for h in (-3, 0, 3)
+        }
+        return len(offsets) > 1
 
     def _instant(self, wall: datetime) -> datetime:
         zone = self.zone
