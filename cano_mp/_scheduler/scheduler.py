@@ -294,7 +294,8 @@ class Scheduler(Registration):
                 signal.signal(sig, h)
         if received:
             name = signal.Signals(received[0]).name
-            log.info("%s received: stopping (waiting up to %gs for running flows)", name, seconds)
+            limit = "as long as they take" if math.isinf(seconds) else f"up to {seconds:g}s"
+            log.info("%s received: stopping (waiting %s for running flows)", name, limit)
         self.stop(seconds)
 
     def __enter__(self) -> Scheduler:
