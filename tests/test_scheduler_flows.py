@@ -6,6 +6,7 @@ Times are plain numbers (monotonic seconds) and one fixed wall instant; nothing 
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from datetime import UTC, datetime, timedelta
 from enum import Enum, auto
@@ -380,3 +381,6 @@ def test_public_classes_live_in_cano_mp() -> None:
     for cls in (Scheduler, FlowInfo, FlowStatus, Backoff):
         assert cls.__module__ == "cano_mp"
     assert repr(FlowStatus.IDLE) == "<FlowStatus.IDLE: 'idle'>"
+    info = flow_info(spec(), FlowState())
+    for value in (info, Backoff(initial=2), FlowStatus.FAILED):
+        assert pickle.loads(pickle.dumps(value)) == value  # found again as cano_mp.<name>

@@ -110,5 +110,6 @@ def test_stop_writes_a_last_status_with_stopped_and_its_time(tmp_path: Path) -> 
     stopped_at = datetime.fromisoformat(data["stopped_at"])
     assert before <= stopped_at <= datetime.now(UTC) and data["updated"] == data["stopped_at"]
     assert data["flows"][0]["id"] == "m" and data["flows"][0]["paused"] is False
-    sched.stop()  # a second stop does not write again
+    sched.stop()  # a second stop does not write again, nor does a pause after the stop
+    sched.pause("m")
     assert json.loads(path.read_text()) == data

@@ -121,7 +121,7 @@ class Scheduler(Registration):
         return self
 
     # -- control -------------------------------------------------------------------------
-    def start(self) -> Scheduler:
+    def start(self) -> Self:
         """Start the scheduler thread (interval flows run at once). Returns self."""
         with self._lock:
             if self._started:
@@ -200,7 +200,7 @@ class Scheduler(Registration):
 
     def _changed(self) -> None:
         self._wake.set()
-        if self._started:
+        if self._started and not self._stopping:  # stop() wrote the last one
             self._write_status()
 
     def status(self, flow_id: str) -> FlowInfo | None:
@@ -298,7 +298,7 @@ class Scheduler(Registration):
             log.info("%s received: stopping (waiting %s for running flows)", name, limit)
         self.stop(seconds)
 
-    def __enter__(self) -> Scheduler:
+    def __enter__(self) -> Self:
         if not self._started:
             self.start()
         return self
