@@ -235,7 +235,8 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-timeout",
         type=float,
         default=30.0,
-        help="seconds to wait for running flows on SIGTERM before cancelling them (default 30)",
+        help="seconds to wait for running flows on SIGTERM before cancelling them "
+        "(default 30; inf: no limit)",
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     return parser
@@ -255,10 +256,13 @@ def _logging(level_name: str) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._scheduler import Scheduler
+    from ._scheduler.triggers import duration
 
     _logging(args.log_level)
-    if args.stop_timeout < 0:
-        raise UsageError(f"--stop-timeout must be >= 0, got {args.stop_timeout}")
+    try:
+        duration(args.stop_timeout, "--stop-timeout", inf_ok=True)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     sched = load_target(args.target, Scheduler)
     if args.status_file:
         sched.status_file = args.status_file

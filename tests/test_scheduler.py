@@ -318,3 +318,102 @@ def test_bad_registrations_raise_config_error_at_once() -> None:
     sched.stop()
     with pytest.raises(CanoError):
         sched.start()
+
+
+def info_of(sched: Scheduler, flow_id: str) -> Any:
+    info = sched.status(flow_id)
+    assert info is not None
+    return info
+
+
+def test_delay_mode_waits_the_interval_after_each_run_ends(sched: Scheduler) -> None:
+    rec = Recorder()
+    sched.every_seconds("d", flow_of(0.15, rec=rec), S.GO, 0.1, mode="delay")
+    t0 = time.monotonic()
+    sched.start()
+    wait_for(lambda: len(rec.spans) >= 3)
+    assert rec.spans[0][0] - t0 < 0.1  # the first run at start()
+    gaps = [b[0] - a[1] for a, b in zip(rec.spans, rec.spans[1:], strict=False)]
+    assert all(g >= 0.095 for g in gaps[:2]), gaps
+    info = info_of(sched, "d")
+    assert info.skipped == 0 and info.schedule == "every 0.1s after each run"
+
+
+def test_pause_leaves_a_running_run_alone_and_trigger_still_works(sched: Scheduler) -> None:
+    rec = Recorder()
+    sched.every_seconds("p", flow_of(0.3, rec=rec), S.GO, 0.1)
+    sched.start()
+    wait_for(lambda: info_of(sched, "p").running == 1)
+    sched.pause("p")
+    info = info_of(sched, "p")
+    assert info.paused and info.next_run is None
+    wait_for(lambda: len(rec.spans) == 1)
+    start, end = rec.spans[0]
+    assert end - start >= 0.29  # ran to its end: not cancelled
+    time.sleep(0.4)
+    info = info_of(sched, "p")
+    assert info.run_count == 1 and info.status is FlowStatus.COMPLETED
+    sched.trigger("p")
+    wait_for(lambda: len(rec.spans) == 2)
+    assert info_of(sched, "p").paused
+
+
+def test_resume_does_not_replay_the_ticks_missed_while_paused(sched: Scheduler) -> None:
+    rec = Recorder()
+    sched.every_seconds("r", flow_of(rec=rec), S.GO, 0.25)
+    sched.start()
+    wait_for(lambda: len(rec.spans) == 1)
+    sched.pause("r")
+    time.sleep(0.8)  # three ticks missed
+    resumed = time.monotonic()
+    sched.resume("r")
+    info = info_of(sched, "r")
+    assert not info.paused and info.next_run is not None
+    wait_for(lambda: len(rec.spans) >= 3)
+    second, third = rec.spans[1][0], rec.spans[2][0]
+    assert second - resumed < 0.3  # at the grid's next tick...
+    assert third - second > 0.2  # ...then on the grid: no burst of missed ticks
+    assert info_of(sched, "r").skipped == 0  # a paused tick is not a skip
+
+
+def test_pause_drops_a_queued_tick(sched: Scheduler) -> None:
+    rec = Recorder()
+    sched.every_seconds("q", flow_of(0.3, rec=rec), S.GO, 0.05, overlap="queue")
+    sched.start()
+    wait_for(lambda: info_of(sched, "q").running == 1)
+    time.sleep(0.1)  # a tick is queued behind the running run
+    sched.pause("q")
+    wait_for(lambda: len(rec.spans) == 1)
+    time.sleep(0.3)
+    assert len(rec.spans) == 1 and info_of(sched, "q").running == 0
+
+
+def test_reset_clears_the_backoff(sched: Scheduler) -> None:
+    rec = Recorder()
+    backoff = Backoff(initial=30, jitter=0)
+    sched.every_seconds("b", flow_of(fail=True, rec=rec), S.GO, 0.05, backoff=backoff)
+    sched.start()
+    wait_for(lambda: len(rec.spans) == 1)
+    time.sleep(0.2)
+    assert len(rec.spans) == 1 and info_of(sched, "b").skipped >= 1  # backing off
+    sched.reset("b")
+    wait_for(lambda: info_of(sched, "b").failure_count == 2, timeout=3)
+    assert info_of(sched, "b").consecutive_failures == 1  # counted again from the reset
+
+
+def test_pause_resume_reset_of_an_unknown_flow_is_a_config_error(sched: Scheduler) -> None:
+    sched.manual("m", flow_of(), S.GO)
+    for verb in (sched.pause, sched.resume, sched.reset):
+        with pytest.raises(ConfigError, match=r"no flow with id 'nope' \(known: 'm'\)"):
+            verb("nope")
+
+
+def test_a_flow_paused_before_start_waits_for_resume(sched: Scheduler) -> None:
+    rec = Recorder()
+    sched.every_seconds("w", flow_of(rec=rec), S.GO, 0.1)
+    sched.pause("w")
+    sched.start()
+    time.sleep(0.3)
+    assert rec.spans == [] and info_of(sched, "w").paused
+    sched.resume("w")
+    wait_for(lambda: len(rec.spans) >= 1)

@@ -112,3 +112,44 @@ def test_serve_rejects_what_is_not_a_scheduler(tmp_path: Path) -> None:
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "not a Scheduler" in err or "defines no" in err
+
+
+def test_serve_marks_its_status_file_stopped_and_private(tmp_path: Path) -> None:
+    script = tmp_path / "idle.py"
+    script.write_text(
+        "from enum import Enum\n"
+        "from cano_mp import Scheduler, Workflow, task\n"
+        "class S(Enum):\n"
+        "    GO = 1\n"
+        "    DONE = 2\n"
+        "@task(inline=True)\n"
+        "def go(store):\n"
+        "    return S.DONE\n"
+        "flow = Workflow(start=S.GO, executor='inline').register(S.GO, go).add_exit_state(S.DONE)\n"
+        "sched = Scheduler().manual('idle', flow, S.GO).every_seconds('tick', flow, S.GO, 0.2)\n"
+    )
+    status = tmp_path / "status.json"
+    proc = start(tmp_path, f"{script}:sched", "--status-file", str(status), "--stop-timeout", "inf")
+    try:
+        wait_until(lambda: read_status(status).get("tick", {}).get("run_count", 0) >= 2)
+        assert json.loads(status.read_text())["stopped"] is False
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    data = json.loads(status.read_text())
+    assert data["stopped"] is True and data["stopped_at"].endswith("+00:00")
+    assert "waiting as long as they take for running flows" in err
+    assert oct(status.stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idle.py", "status.json"]
+
+
+def test_serve_rejects_a_bad_stop_timeout_in_one_line(tmp_path: Path) -> None:
+    for bad in ("nan", "-1"):
+        proc = start(tmp_path, "examples/daemon.py:build", "--stop-timeout", bad)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert err.startswith("cano-mp: error: --stop-timeout must") and err.count("\n") == 1

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cano_mp import ConfigError
-from cano_mp._triggers import CronSchedule, IntervalGrid, local_zone, resolve_zone
+from cano_mp._scheduler.triggers import CronSchedule, IntervalGrid, local_zone, resolve_zone
 
 
 def fires(expr: str, tz: str, start: datetime, n: int) -> list[datetime]:
@@ -146,3 +146,89 @@ def test_zones() -> None:
     assert abs(now.utcoffset() or timedelta()) < timedelta(hours=15)
     with pytest.raises(ValueError):
         CronSchedule("* * * * *").next_after(datetime(2026, 1, 1))  # naive
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ("61 * * * *", "the minute field '61' is out of range: 61 is not in 0-59"),
+        ("0 25 * * *", "the hour field '25' is out of range: 25 is not in 0-23"),
+        ("0 0 32 * *", "the day-of-month field '32' is out of range: 32 is not in 1-31"),
+        ("0 0 0 * *", "the day-of-month field '0' is out of range: 0 is not in 1-31"),
+        ("0 0 * 13 *", "the month field '13' is out of range: 13 is not in 1-12"),
+        ("0 0 * * 8", "the day-of-week field '8' is out of range: 8 is not in 0-7"),
+        ("0 0 * * * 60", "the second field '60' is out of range: 60 is not in 0-59"),
+        ("0,70 * * * *", "the minute field '0,70' is out of range: 70 is not in 0-59"),
+        ("1-70/5 * * * *", "the minute field '1-70/5' is out of range: 70 is not in 0-59"),
+        ("*/0 * * * *", "the minute field '*/0' is not valid"),
+        ("0 0 * foo *", "the month field 'foo' is not valid"),
+        ("* * * *", "it has 4 field(s); expected 5 fields"),
+        ("@reboot", "it has 1 field(s)"),
+    ],
+)
+def test_a_bad_cron_field_is_named(expr: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        CronSchedule(expr, "UTC")
+    assert str(err.value).startswith(f"invalid cron expression {expr!r}: ")
+    assert message in str(err.value)
+
+
+def test_a_cron_that_never_fires_is_refused_when_given() -> None:
+    with pytest.raises(ConfigError, match="never fires"):
+        CronSchedule("0 0 31 2 *", "UTC")  # 31 February
+
+
+@pytest.mark.parametrize(
+    ("alias", "expected"),
+    [
+        ("@hourly", ["01-15 11:00:00+0000", "01-15 12:00:00+0000"]),
+        ("@daily", ["01-16 00:00:00+0000", "01-17 00:00:00+0000"]),
+        ("@midnight", ["01-16 00:00:00+0000", "01-17 00:00:00+0000"]),
+        ("@weekly", ["01-18 00:00:00+0000", "01-25 00:00:00+0000"]),  # Sundays
+        ("@monthly", ["02-01 00:00:00+0000", "03-01 00:00:00+0000"]),
+        ("@yearly", ["01-01 00:00:00+0000", "01-01 00:00:00+0000"]),
+        ("@annually", ["01-01 00:00:00+0000", "01-01 00:00:00+0000"]),
+        ("@DAILY", ["01-16 00:00:00+0000", "01-17 00:00:00+0000"]),
+    ],
+)
+def test_cron_aliases(alias: str, expected: list[str]) -> None:
+    got = fires(alias, "UTC", datetime(2026, 1, 15, 10, 30, tzinfo=UTC), 2)
+    assert local(got, "UTC") == expected
+    if alias == "@yearly":
+        assert [t.year for t in got] == [2027, 2028]
+    assert CronSchedule(alias).expr == alias
+
+
+def test_an_alias_follows_the_zone_across_dst() -> None:
+    got = fires("@daily", "Europe/Paris", datetime(2026, 3, 28, 12, tzinfo=UTC), 2)
+    assert local(got, "Europe/Paris") == ["03-29 00:00:00+0100", "03-30 00:00:00+0200"]
+
+
+class AlwaysLookBack(CronSchedule):
+    __slots__ = ()
+
+    def _offset_changes_near(self, instant: datetime) -> bool:
+        return True
+
+
+@given(
+    expr=st.sampled_from(
+        ["*/20 * * * *", "30 1 * * *", "30 2 * * *", "0 * * * *", "*/7 * * * * 30", "@daily"]
+    ),
+    tz=st.sampled_from(["America/New_York", "Europe/Berlin", "Australia/Lord_Howe", "UTC"]),
+    after=st.datetimes(
+        min_value=datetime(2026, 1, 1), max_value=datetime(2027, 1, 1), timezones=st.just(UTC)
+    ),
+)
+def test_the_next_time_does_not_depend_on_the_lookback_shortcut(
+    expr: str, tz: str, after: datetime
+) -> None:
+    # Far from a change of UTC offset, next_after starts croniter at `after` itself; the
+    # answer must be the one of the two-hour lookback it uses near a change.
+    assert CronSchedule(expr, tz).next_after(after) == AlwaysLookBack(expr, tz).next_after(after)
+
+
+def test_near_a_dst_change_the_lookback_is_used() -> None:
+    ny = CronSchedule("*/20 * * * *", "America/New_York")
+    assert ny._offset_changes_near(datetime(2026, 11, 1, 6, 0, tzinfo=UTC))
+    assert not ny._offset_changes_near(datetime(2026, 7, 1, 12, 0, tzinfo=UTC))
