@@ -3,35 +3,22 @@
 ``load(store)`` runs in the driver and yields the items (a list, or a generator pulled
 lazily); ``process(item)`` runs in the pool, items grouped into *chunks* so that one call
 carries many items; ``finish(store, results)`` runs in the driver with the results in item
-order and returns the next state. The worker side of a chunk is :func:`run_batch_chunk`;
-the driver side lives in ``_batch_engine``.
+order and returns the next state. The worker side of a chunk is
+``_calls.run_batch_chunk``; the driver side is ``_engine.batch_state``.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-import time
-import traceback
-from array import array
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-import cloudpickle
-
-from . import _context
-from ._context import _LazyContext, _set_context
-from ._errors import Terminated
 from ._retry import TaskConfig
-from ._store import ReadOnlyStore, SnapshotData
-from ._wire import ChunkOutcome, ItemFailed, Timing, encode_error
 
 if TYPE_CHECKING:
-    from ._runner import UnitSpec
     from ._store import SharedStore
 
-__all__ = ["BatchTask", "ItemFailure", "batch_problems", "run_batch_chunk"]
+__all__ = ["BatchTask", "ItemFailure", "batch_problems"]
 
 S = TypeVar("S", bound=Hashable)
 I = TypeVar("I")  # noqa: E741 - the contract's name for the item type
@@ -148,131 +135,3 @@ def batch_problems(unit: BatchTask[Any, Any, Any]) -> list[str]:
     if unit.progress is not None and not isinstance(unit.progress, bool):
         problems.append(f"{name}.progress must be True, False or None, got {unit.progress!r}")
     return problems
-
-
-# -- the worker side of one chunk -------------------------------------------------------------
-
-# How many items run between two looks at the cancel flag when items have no timeout, at
-# most; fewer once a block takes longer than _CANCEL_CHECK_SECONDS.
-_CANCEL_CHECK_EVERY = 64
-_CANCEL_CHECK_SECONDS = 0.01
-
-
-def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
-    try:
-        return bytes(cloudpickle.dumps((results, failures)))
-    except Exception:
-        pass
-    # Some result cannot be pickled: find which, and fail those items alone.
-    for k, value in enumerate(results):
-        try:
-            cloudpickle.dumps(value)
-        except Exception as exc:
-            results[k] = None
-            err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
-            failures.append(ItemFailed(k, "err", encode_error(err, True)))
-    return bytes(cloudpickle.dumps((results, failures)))
-
-
-def run_batch_chunk(
-    control: Callable[[], bool],
-    deadline: float | None,
-    spec: UnitSpec,
-    snap: SnapshotData,
-    payload: Any,
-    first: int | Sequence[int],
-    attempt: int,
-    timeout: float | None,
-    run_id: str,
-    token: str,
-    remote: bool,
-) -> ChunkOutcome:
-    """Process the items of one chunk in order; never raises for errors of the items.
-
-    ``packed`` of the outcome is ``(results, failures)`` (cloudpickled when ``remote``),
-    each failure an :class:`~cano_mp._wire.ItemFailed`. ``deadline`` is unused: each item
-    has its own (``timeout``).
-    """
-    pid = os.getpid()
-    started = time.time()
-    items: Sequence[Any] = cloudpickle.loads(payload) if remote else payload
-    n = len(items)
-    indices: Sequence[int] = range(first, first + n) if isinstance(first, int) else first
-    process = spec.unit.process
-    store = ReadOnlyStore(snap, token)
-    positions = getattr(control, "positions", None)
-    # pos[0] is the item being processed: in the pool slot's shared progress (the driver
-    # reads it), or in a local cell (inline).
-    pos: memoryview = positions() if positions is not None else memoryview(array("q", [0]))
-    ctx = _LazyContext(run_id, spec.state, attempt, control, store, indices, pos)
-    results: list[Any] = []
-    failures: list[ItemFailed] = []
-    stopped = n
-    previous = _set_context(ctx)
-    if remote:
-        _context.log_tags = spec.log_tags(run_id, attempt)
-    try:
-        if timeout is None:
-            # The hot loop (items may take well under a microsecond): append, and look at
-            # the cancel flag once per block; blocks shrink when items are slow, so that a
-            # cancelled chunk notices within ~10 ms.
-            out = results.append
-            numbered = enumerate(items)
-            block = 1  # doubles while blocks are quick: slow items are checked often
-            while len(results) < n:
-                t0 = time.monotonic()
-                for k, item in itertools.islice(numbered, block):
-                    pos[0] = k
-                    try:
-                        out(process(item))
-                    except (KeyboardInterrupt, Terminated):
-                        raise
-                    except BaseException as exc:
-                        out(None)
-                        tb = traceback.format_exc()
-                        failures.append(ItemFailed(k, "err", encode_error(exc, remote, tb)))
-                if control():
-                    break
-                took = time.monotonic() - t0
-                if took < _CANCEL_CHECK_SECONDS / 2 and block < _CANCEL_CHECK_EVERY:
-                    block *= 2
-                elif took > _CANCEL_CHECK_SECONDS and block > 1:
-                    block //= 2
-            stopped = len(results)
-        else:
-            mark_timed: Callable[[int, int], None] | None = getattr(control, "mark_timed", None)
-            limit_ns = int(timeout * 1e9)
-            results.extend(itertools.repeat(None, n))
-            for k in range(n):
-                t0_ns = time.monotonic_ns()
-                ctx.deadline = t0_ns / 1e9 + timeout
-                if mark_timed is not None:
-                    mark_timed(k, t0_ns)
-                else:
-                    pos[0] = k
-                try:
-                    value = process(items[k])
-                except (KeyboardInterrupt, Terminated):
-                    raise
-                except BaseException as exc:
-                    tb = traceback.format_exc()
-                    failures.append(ItemFailed(k, "err", encode_error(exc, remote, tb)))
-                else:
-                    if time.monotonic_ns() - t0_ns > limit_ns:
-                        failures.append(ItemFailed(k, "timeout", None))
-                    else:
-                        results[k] = value
-                if control():
-                    stopped = k + 1
-                    break
-        # Done with the items: from here on (packing the results, sending them) no item is
-        # running, so none can time out or be blamed for a crash.
-        pos[0] = -1
-    finally:
-        _set_context(previous)
-        _context.log_tags = None
-        store._finish(False)
-    if stopped < n:
-        del results[stopped:]
-    packed: Any = _pack_results(results, failures) if remote else (results, failures)
-    return ChunkOutcome(packed, Timing(pid, started, time.time()))

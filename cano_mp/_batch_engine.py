@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from ._batch import BatchTask, ItemFailure, batch_problems, run_batch_chunk
+from ._batch import BatchTask, ItemFailure, batch_problems
+from ._calls import run_batch_chunk
 from ._context import TaskContext, _set_context
 from ._errors import CanoError, ConfigError, TaskError, TaskTimeout, WorkerCrashed
 from ._executor import Call, Executor, WorkerDied

@@ -38,6 +38,7 @@ from typing import Any
 import cloudpickle
 
 from . import _signals
+from ._calls import UnitSpec, run_unit_call
 from ._errors import (
     CanoError,
     ConfigError,
@@ -55,7 +56,6 @@ from ._join import JoinConfig, SplitResult, decide
 from ._log import get_logger
 from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
-from ._runner import UnitSpec, run_unit_call
 from ._store import SharedStore, Snapshot
 from ._wire import UnitOutcome, decode_error
 

@@ -63,7 +63,7 @@ def test_a_link_at_the_old_predictable_temp_name_is_not_followed(tmp_path: Path)
 def test_a_link_at_a_guessed_temp_name_fails_the_write_and_is_not_followed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("cano_mp._scheduler.status.secrets.token_hex", lambda n: "guessed")
+    monkeypatch.setattr("cano_mp._files.secrets.token_hex", lambda n: "guessed")
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     path = tmp_path / "status.json"

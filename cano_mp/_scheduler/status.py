@@ -20,10 +20,11 @@ import enum
 import html
 import json
 import os
-import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
+
+from .._files import write_atomic
 
 __all__ = ["FlowInfo", "FlowStatus", "write_status_file"]
 
@@ -104,19 +105,7 @@ def write_status_file(
         "stopped_at": now.isoformat() if stopped else None,
         "flows": [info.to_json() for info in flows],
     }
-    text = json.dumps(data, indent=2) + "\n"
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-    # O_EXCL | O_NOFOLLOW: never open what someone else put at that name. Not fsync'd: it
-    # is rewritten after every run, and a reader sees the old file or the new one.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # Through a temporary file with a random name (O_EXCL | O_NOFOLLOW), then a rename: a
+    # reader sees the old file or the new one, and nothing is written through a link. Not
+    # fsync'd: it is rewritten after every run.
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())

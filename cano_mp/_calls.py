@@ -1,0 +1,288 @@
+"""The functions a call runs, in a pool worker or inline in the driver.
+
+- :func:`run_unit_call` — one attempt of a task (a Task, a Node's prep→exec→post, a
+  function): the engine ships ``Call(run_unit_call, (unit blob, snapshot blob), (attempt,
+  run_id, token, remote), deadline)``; the unit runs against a :class:`TaskStore` over the
+  snapshot and the call returns a :class:`~cano_mp._wire.UnitOutcome`.
+- :func:`run_batch_chunk` — the items of one ``BatchTask`` chunk, in order, each with its
+  own timeout; returns a :class:`~cano_mp._wire.ChunkOutcome`.
+
+Neither raises for errors of the user's code: they come back as records.
+
+The next state is encoded as ``("i", n)`` when it is the n-th of the workflow's state
+table (so an Enum defined in ``__main__`` is not re-pickled by value on every call), else
+``("v", value)``.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import time
+import traceback
+from array import array
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from . import _context
+from ._context import TaskContext, _LazyContext, _set_context
+from ._errors import Terminated
+from ._store import ReadOnlyStore, SnapshotData, TaskStore
+from ._task import Node, Task
+from ._wire import ChunkOutcome, ItemFailed, Timing, UnitOutcome, encode_error
+
+__all__ = ["UnitSpec", "run_batch_chunk", "run_unit_call"]
+
+
+class UnitSpec:
+    """A unit, the state it runs for, and the workflow's state table."""
+
+    __slots__ = ("_index", "name", "state", "table", "unit", "workflow")
+
+    def __init__(
+        self, unit: Any, state: Any, name: str, table: tuple[Any, ...], workflow: str = ""
+    ) -> None:
+        self.unit = unit
+        self.state = state
+        self.name = name
+        self.table = table
+        self.workflow = workflow
+        self._index: dict[Any, int] | None = None
+
+    def encode_state(self, value: Any) -> tuple[str, Any]:
+        if self._index is None:
+            self._index = {s: i for i, s in enumerate(self.table)}
+        try:
+            i = self._index.get(value) if isinstance(value, Hashable) else None
+        except TypeError:
+            i = None
+        if i is not None and self.table[i] == value and type(self.table[i]) is type(value):
+            return ("i", i)
+        return ("v", value)
+
+    def decode_state(self, enc: tuple[str, Any]) -> Any:
+        return self.table[enc[1]] if enc[0] == "i" else enc[1]
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.unit, self.state, self.name, self.table, self.workflow)
+
+    def __setstate__(self, st: tuple[Any, ...]) -> None:
+        self.unit, self.state, self.name, self.table, self.workflow = st
+        self._index = None
+
+    def log_tags(self, run_id: str, attempt: int) -> dict[str, Any]:
+        """What a worker-side log record of this unit is tagged with."""
+        state = self.state.name if isinstance(self.state, enum.Enum) else self.state
+        return {
+            "run_id": run_id,
+            "workflow": self.workflow,
+            "state": state,
+            "task": self.name,
+            "attempt": attempt,
+        }
+
+
+def execute_unit(unit: Any, store: TaskStore) -> Any:
+    if isinstance(unit, Task | Node):
+        return unit.run(store)  # Node.run: prep -> exec -> post, unless overridden
+    return unit(store)
+
+
+def run_unit_call(
+    cancelled: Callable[[], bool],
+    deadline: float | None,
+    spec: UnitSpec,
+    snap: SnapshotData,
+    attempt: int,
+    run_id: str,
+    token: str,
+    remote: bool,
+) -> UnitOutcome:
+    """Run one attempt of ``spec.unit``; never raises for errors of the task itself."""
+    pid = os.getpid()
+    started = time.time()
+    store = TaskStore(snap, token)
+    ctx = TaskContext(run_id, spec.state, attempt, deadline, cancelled)
+    previous = _set_context(ctx)
+    if remote:
+        _context.log_tags = spec.log_tags(run_id, attempt)
+    try:
+        result = execute_unit(spec.unit, store)
+    except Terminated:  # SIGTERM reached an inline task: stop the run, never retry
+        store._finish(False)
+        raise
+    except Exception as exc:
+        store._finish(False)
+        failure = encode_error(exc, remote, traceback.format_exc())
+        return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
+    except BaseException:
+        store._finish(False)
+        raise
+    finally:
+        _set_context(previous)
+        _context.log_tags = None
+    try:
+        log = store._finish(True)
+        state = spec.encode_state(result)
+    except Exception as exc:
+        failure = encode_error(exc, remote, traceback.format_exc())
+        return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
+    return UnitOutcome(state, log, None, Timing(pid, started, time.time()))
+
+
+# -- the worker side of one chunk -------------------------------------------------------------
+
+# How many items run between two looks at the cancel flag when items have no timeout, at
+# most; fewer once a block takes longer than _CANCEL_CHECK_SECONDS.
+_CANCEL_CHECK_EVERY = 64
+_CANCEL_CHECK_SECONDS = 0.01
+
+
+def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
+    try:
+        return bytes(cloudpickle.dumps((results, failures)))
+    except Exception:
+        pass
+    # Some result cannot be pickled: find which, and fail those items alone.
+    for k, value in enumerate(results):
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:
+            results[k] = None
+            err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
+            failures.append(ItemFailed(k, "err", encode_error(err, True)))
+    return bytes(cloudpickle.dumps((results, failures)))
+
+
+def run_batch_chunk(
+    control: Callable[[], bool],
+    deadline: float | None,
+    spec: UnitSpec,
+    snap: SnapshotData,
+    payload: Any,
+    first: int | Sequence[int],
+    attempt: int,
+    timeout: float | None,
+    run_id: str,
+    token: str,
+    remote: bool,
+) -> ChunkOutcome:
+    """Process the items of one chunk in order; never raises for errors of the items.
+
+    ``packed`` of the outcome is ``(results, failures)`` (cloudpickled when ``remote``),
+    each failure an :class:`~cano_mp._wire.ItemFailed`. ``deadline`` is unused: each item
+    has its own (``timeout``).
+    """
+    pid = os.getpid()
+    started = time.time()
+    items: Sequence[Any] = cloudpickle.loads(payload) if remote else payload
+    n = len(items)
+    indices: Sequence[int] = range(first, first + n) if isinstance(first, int) else first
+    store = ReadOnlyStore(snap, token)
+    positions = getattr(control, "positions", None)
+    # pos[0] is the item being processed: in the pool slot's shared progress (the driver
+    # reads it), or in a local cell (inline).
+    pos: memoryview = positions() if positions is not None else memoryview(array("q", [0]))
+    ctx = _LazyContext(run_id, spec.state, attempt, control, store, indices, pos)
+    chunk = _Chunk(spec.unit.process, items, control, pos, remote)
+    previous = _set_context(ctx)
+    if remote:
+        _context.log_tags = spec.log_tags(run_id, attempt)
+    try:
+        if timeout is None:
+            chunk.run_untimed()
+        else:
+            chunk.run_timed(ctx, timeout)
+        # Done with the items: from here on (packing the results, sending them) no item is
+        # running, so none can time out or be blamed for a crash.
+        pos[0] = -1
+    finally:
+        _set_context(previous)
+        _context.log_tags = None
+        store._finish(False)
+    results, failures = chunk.results, chunk.failures
+    packed: Any = _pack_results(results, failures) if remote else (results, failures)
+    return ChunkOutcome(packed, Timing(pid, started, time.time()))
+
+
+class _Chunk:
+    """The items of one chunk and what became of them (results, failures), in order."""
+
+    __slots__ = ("control", "failures", "items", "pos", "process", "remote", "results")
+
+    def __init__(
+        self,
+        process: Callable[[Any], Any],
+        items: Sequence[Any],
+        control: Callable[[], bool],
+        pos: memoryview,
+        remote: bool,
+    ) -> None:
+        self.process, self.items, self.control, self.pos = process, items, control, pos
+        self.remote = remote
+        self.results: list[Any] = []
+        self.failures: list[ItemFailed] = []
+
+    def _failed(self, k: int, exc: BaseException) -> None:
+        tb = traceback.format_exc()
+        self.failures.append(ItemFailed(k, "err", encode_error(exc, self.remote, tb)))
+
+    def run_untimed(self) -> None:
+        """The hot loop (items may take well under a microsecond): append, and look at the
+        cancel flag once per block; blocks shrink when items are slow, so that a cancelled
+        chunk notices within ~10 ms. Stops early (fewer results) when cancelled."""
+        process, pos, n = self.process, self.pos, len(self.items)
+        results = self.results
+        out = results.append
+        numbered = enumerate(self.items)
+        block = 1  # doubles while blocks are quick: slow items are checked often
+        while len(results) < n:
+            t0 = time.monotonic()
+            for k, item in itertools.islice(numbered, block):
+                pos[0] = k
+                try:
+                    out(process(item))
+                except (KeyboardInterrupt, Terminated):
+                    raise
+                except BaseException as exc:
+                    out(None)
+                    self._failed(k, exc)
+            if self.control():
+                break
+            took = time.monotonic() - t0
+            if took < _CANCEL_CHECK_SECONDS / 2 and block < _CANCEL_CHECK_EVERY:
+                block *= 2
+            elif took > _CANCEL_CHECK_SECONDS and block > 1:
+                block //= 2
+
+    def run_timed(self, ctx: _LazyContext, timeout: float) -> None:
+        """Each item with its own deadline, reported to the driver before it starts."""
+        control, items, n = self.control, self.items, len(self.items)
+        mark_timed: Callable[[int, int], None] | None = getattr(control, "mark_timed", None)
+        limit_ns = int(timeout * 1e9)
+        results = self.results
+        results.extend(itertools.repeat(None, n))
+        for k in range(n):
+            t0_ns = time.monotonic_ns()
+            ctx.deadline = t0_ns / 1e9 + timeout
+            if mark_timed is not None:
+                mark_timed(k, t0_ns)
+            else:
+                self.pos[0] = k
+            try:
+                value = self.process(items[k])
+            except (KeyboardInterrupt, Terminated):
+                raise
+            except BaseException as exc:
+                self._failed(k, exc)
+            else:
+                if time.monotonic_ns() - t0_ns > limit_ns:
+                    self.failures.append(ItemFailed(k, "timeout", None))
+                else:
+                    results[k] = value
+            if control():
+                del results[k + 1 :]
+                break
