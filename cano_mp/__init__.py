@@ -14,7 +14,6 @@ from ._context import TaskContext, task_context
 from ._errors import (
     CanoError,
     ConfigError,
-    JoinError,
     StoreError,
     StoreKeyError,
     TaskCancelled,
@@ -26,7 +25,7 @@ from ._errors import (
     WorkflowTimeout,
 )
 from ._executor import Executor, InlineExecutor
-from ._join import JoinConfig, JoinStrategy, SplitResult
+from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
 from ._process import ProcessExecutor
 from ._retry import RetryPolicy, TaskConfig

@@ -42,7 +42,6 @@ from ._calls import UnitSpec, run_unit_call
 from ._errors import (
     CanoError,
     ConfigError,
-    JoinError,
     TaskCancelled,
     TaskError,
     TaskTimeout,
@@ -52,7 +51,7 @@ from ._errors import (
     WorkflowTimeout,
 )
 from ._executor import Blob, Call, Executor, InlineExecutor, WorkerDied
-from ._join import JoinConfig, SplitResult, decide
+from ._join import JoinConfig, JoinError, SplitResult, decide
 from ._log import get_logger
 from ._observe import Observers, RunInfo
 from ._retry import TaskConfig

@@ -8,7 +8,8 @@
     ├── TaskError            a task failed for good (``__cause__`` is the original exception)
     │   ├── TaskTimeout      an attempt overran ``TaskConfig.timeout``
     │   └── WorkerCrashed    the worker process running the task died
-    ├── JoinError            a split's join strategy could not be satisfied
+    ├── JoinError            a split's join strategy could not be satisfied (in ``_join``,
+    │                        beside the ``SplitResult`` it carries)
     ├── WorkflowTimeout      ``Workflow(timeout=...)`` expired
     ├── Terminated           the process received SIGTERM during a run (cano_mp's handler)
     └── StoreError
@@ -17,15 +18,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._join import SplitResult
-
 __all__ = [
     "CanoError",
     "ConfigError",
-    "JoinError",
     "StoreError",
     "StoreKeyError",
     "TaskCancelled",
@@ -154,18 +149,6 @@ class TaskCancelled(CanoError):
     """An attempt was stopped because it was no longer needed: its join resolved without
     it, its run was cancelled or timed out, or Ctrl-C. Observers see it as the attempt's
     ``error`` in ``on_task_end``; it is never raised by ``orchestrate()``."""
-
-
-class JoinError(CanoError):
-    """A split's join strategy failed: ``.result`` holds the ``SplitResult``.
-
-    ``timed_out`` is True when the join's timeout expired before the strategy was met.
-    """
-
-    def __init__(self, message: str, *, result: SplitResult[Any], timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.result = result
-        self.timed_out = timed_out
 
 
 class WorkflowTimeout(CanoError):

@@ -11,15 +11,15 @@ import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._durations import limit
-from ._errors import ConfigError
+from ._errors import CanoError, ConfigError
 
 if TYPE_CHECKING:
     from ._errors import TaskError
 
-__all__ = ["Decision", "JoinConfig", "JoinStrategy", "SplitResult", "decide"]
+__all__ = ["Decision", "JoinConfig", "JoinError", "JoinStrategy", "SplitResult", "decide"]
 
 S = TypeVar("S", bound=Hashable)
 Decision = Literal["proceed", "fail", "wait"]
@@ -239,3 +239,15 @@ class SplitResult(Generic[S]):
             f"<table><caption>{html.escape(repr(self))}</caption>"
             f"<tr><th>branch</th><th>outcome</th><th>detail</th></tr>{body}</table>"
         )
+
+
+class JoinError(CanoError):
+    """A split's join strategy failed: ``.result`` holds the ``SplitResult``.
+
+    ``timed_out`` is True when the join's timeout expired before the strategy was met.
+    """
+
+    def __init__(self, message: str, *, result: SplitResult[Any], timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.result = result
+        self.timed_out = timed_out
