@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._durations import limit
-from ._engine import Run, RunCancelled, _describe
+from ._engine import Run, RunCancelled, describe
 from ._errors import ConfigError, Terminated
 from ._progress import progress_bar
 from ._store import SharedStore
@@ -116,7 +116,7 @@ class InstanceResult(Generic[S]):
 
     def __repr__(self) -> str:
         detail = (
-            _describe(self.final_state)
+            describe(self.final_state)
             if self.status == "completed"
             else f"{type(self.error).__name__}: {self.error}"
             if self.error is not None
@@ -178,7 +178,7 @@ class ConcurrentResult(Generic[S]):
         rows = []
         for r in self.results:
             if r.status == "completed":
-                detail = _describe(r.final_state)
+                detail = describe(r.final_state)
             elif r.error is not None:
                 detail = f"{type(r.error).__name__}: {r.error}"
             else:
@@ -297,7 +297,7 @@ class ConcurrentWorkflow(Generic[S]):
                 raise ConfigError("stores: each instance needs its own store (a store repeats)")
         else:
             raise ConfigError(f"stores must be an int or a sequence of SharedStore, got {stores!r}")
-        initial = self.workflow._initial(initial_state)
+        initial = self.workflow.initial_state(initial_state)
         self.workflow._get_plan()  # validate now, in the caller's thread
         return _Execution(self, chosen, owned, initial, wait)
 
@@ -355,10 +355,10 @@ class _Execution(Generic[S]):
                 if self.stopping or not self.pending:
                     return
                 inst = self.pending.popleft()
-                inst.run = self.workflow._new_run(inst.store)
+                inst.run = self.workflow.start_run(inst.store, self.initial)
                 inst.started = time.monotonic()
             try:
-                inst.final_state = inst.run.run(self.initial)
+                inst.final_state = inst.run.run()
                 inst.status = "completed"
             except RunCancelled:
                 inst.status = "cancelled"

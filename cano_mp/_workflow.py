@@ -343,7 +343,11 @@ class Workflow(Generic[S]):
             return self._plan
 
     # -- running -------------------------------------------------------------------------
-    def _new_run(self, store: SharedStore | None) -> Run:
+    def start_run(self, store: SharedStore | None = None, initial_state: S | None = None) -> Run:
+        """A run of this workflow on ``store`` (default: the workflow's own), from
+        ``initial_state`` (default: ``start``), validated and ready: ``run.run()`` drives
+        it in the calling thread, ``run.cancel()`` stops it from another. The one way
+        ``ConcurrentWorkflow`` and ``Scheduler`` start runs."""
         if store is not None and not isinstance(store, SharedStore):
             raise ConfigError(f"store must be a SharedStore, got {store!r}")
         plan = self._get_plan()
@@ -355,9 +359,12 @@ class Workflow(Generic[S]):
             timeout=self.timeout,
             quota=self._quota,
             cancel_grace=self.cancel_grace,
+            initial=self.initial_state(initial_state),
         )
 
-    def _initial(self, initial_state: S | None) -> S:
+    def initial_state(self, initial_state: S | None = None) -> S:
+        """The state a run starts in: ``initial_state``, else ``start``; ``ConfigError``
+        when neither is given."""
         state = initial_state if initial_state is not None else self._start
         if state is None:
             raise ConfigError(
@@ -374,8 +381,7 @@ class Workflow(Generic[S]):
         failure the store is as the last successful state committed it. Ctrl-C stops the
         run's work promptly and re-raises ``KeyboardInterrupt``; the pool stays usable.
         """
-        run = self._new_run(store)
-        result: S = run.run(self._initial(initial_state))
+        result: S = self.start_run(store, initial_state).run()
         return result
 
     async def orchestrate_async(
@@ -387,10 +393,9 @@ class Workflow(Generic[S]):
         """
         import asyncio  # not at module level: it costs ~10 ms of import time
 
-        run = self._new_run(store)
-        initial = self._initial(initial_state)
+        run = self.start_run(store, initial_state)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, run.run, initial)
+        fut = loop.run_in_executor(None, run.run)
         try:
             result: S = await asyncio.shield(fut)
             return result

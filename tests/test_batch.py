@@ -30,7 +30,7 @@ from cano_mp import (
     WorkflowTimeout,
     task_context,
 )
-from cano_mp._batch_engine import ChunkSizer
+from cano_mp._engine.chunks import ChunkSizer
 
 from .test_crash import run_script
 from .test_store import segment_files

@@ -165,7 +165,7 @@ class FlowSpec:
         problems = self._problems()
         if problems:
             raise ConfigError(f"flow {self.id!r}: " + "; ".join(problems))
-        self.workflow._initial(self.initial)  # an initial state is known
+        self.workflow.initial_state(self.initial)  # an initial state is known
         self.workflow.validate()
 
     @classmethod

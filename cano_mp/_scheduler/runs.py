@@ -1,5 +1,5 @@
 """One run of a flow, in a run-pool thread: the only place where the scheduler touches a
-workflow's run machinery (``Workflow._new_run``, ``ConcurrentWorkflow._prepare``).
+workflow's run machinery (``Workflow.start_run``, ``ConcurrentWorkflow._prepare``).
 
 A :class:`Job` is made outside the scheduler's lock (a fresh store creates a directory),
 then either started (:meth:`Job.execute`, which blocks for the whole run) or, when the
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._concurrent import _Execution
-from .._engine import Run, _describe
+from .._engine import Run, describe
 from .._errors import CanoError
 from .._store import SharedStore
 from .flows import FlowSpec
@@ -37,7 +37,7 @@ class Job:
                 store = spec.store
                 if store is None:
                     store = self._owned = SharedStore()
-                self._runner = spec.workflow._new_run(store)
+                self._runner = spec.workflow.start_run(store, spec.initial)
         except Exception as exc:
             self._error = exc
 
@@ -56,14 +56,14 @@ class Job:
 
     def execute(self) -> tuple[str, BaseException | None]:
         """Run to the end: ``(what happened, in words; the error or None)``."""
-        spec, runner = self.spec, self._runner
+        runner = self._runner
         try:
             if runner is None:
                 assert self._error is not None
                 return "failed", self._error
             if isinstance(runner, Run):
-                final = runner.run(spec.workflow._initial(spec.initial))
-                return f"completed at {_describe(final)}", None
+                final = runner.run()
+                return f"completed at {describe(final)}", None
             with runner.run() as result:
                 if not result.failed:
                     return repr(result), None

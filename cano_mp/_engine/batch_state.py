@@ -1,0 +1,511 @@
+"""BatchState: the driver side of one ``BatchTask`` state.
+
+::
+
+    load(store) --items, pulled lazily--> chunks --pool--> results --> finish(store, results)
+
+Items are grouped into *chunks*, one call each, at most ``in_flight`` chunks at once (two
+per worker, or ``max_parallel``), so a generator is pulled only as fast as the pool works
+and memory stays bounded. Chunk sizes adapt to the measured time per item
+(:class:`~.chunks.ChunkSizer`) unless ``chunk_size`` is set.
+
+Failures are per item: an item that raises, overruns its timeout or kills its worker spends
+one attempt (``attempts.retry_or_fail``) and is retried alone after its delay; the other
+items of its chunk are not charged (a chunk cut short by a timeout or a crash is sent again
+without that item). The pool reports which item a chunk works on through shared memory
+(the executor's ``progress``): that is how one item of a chunk times out, and how a dead
+worker's item is found.
+
+Each pass of :meth:`BatchState.drive` is: collect finished chunks, expire overdue items,
+start chunks while there is room, sleep until a chunk finishes or the nearest deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence, Sized
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from .._batch import BatchTask, ItemFailure, batch_problems
+from .._calls import run_batch_chunk
+from .._context import TaskContext, _set_context
+from .._errors import ConfigError, TaskError
+from .._executor import Executor
+from .._log import get_logger
+from .._progress import progress_bar
+from .._store import Snapshot, TaskStore
+from .._wire import Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
+from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
+from .attempts import timeout_error as make_timeout_error
+from .chunks import ChunkSizer
+from .plan import StateEntry, describe
+from .scope import RunScope
+from .task_state import _INLINE
+
+__all__ = ["BatchState"]
+
+log = get_logger("cano_mp.batch")
+
+# Item failures logged at WARNING before the rest go to DEBUG.
+WARN_FAILURES = 10
+
+# Makes the error of an item stopped inside a chunk (timeout, crash): (index, attempt).
+ErrorMaker = Callable[[int, int], BaseException]
+
+
+@dataclass(eq=False, slots=True)
+class Chunk:
+    indices: range | list[int]
+    items: Sequence[Any]
+    attempt: int
+    future: Future[Any] | None = None
+    submitted: float = 0.0
+    check_at: float | None = None  # when to look at its items' timeouts next
+    quota: bool = False
+
+
+@dataclass(eq=False)
+class _Items:
+    """Where the items of one batch are."""
+
+    results: list[Any] = field(default_factory=list)
+    running: set[Chunk] = field(default_factory=set)
+    stopping: set[Chunk] = field(default_factory=set)  # timed out, not stopped yet
+    done: deque[Chunk] = field(default_factory=deque)
+    requeued: deque[Chunk] = field(default_factory=deque)
+    retries: list[tuple[float, int, int, Any, int]] = field(default_factory=list)
+    outstanding: int = 0
+    exhausted: bool = False
+    fatal: BaseException | None = None
+    failures_logged: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and not self.running and not self.requeued and not self.retries
+
+
+class BatchState:
+    """Runs one BatchTask state; :meth:`run` returns the next state (or raises, as a task
+    would)."""
+
+    def __init__(self, scope: RunScope, entry: StateEntry, snap: Snapshot) -> None:
+        ref = entry.units[0]
+        self.scope, self.entry, self.snap, self.ref = scope, entry, snap, ref
+        self.unit: BatchTask[Any, Any, Any] = ref.unit
+        self.name, self.state, self.cfg = ref.name, entry.state, ref.config
+        problems = batch_problems(self.unit)
+        if problems:  # set after registration (validate() checks them too)
+            raise ConfigError("; ".join(problems))
+        self.inline = self.cfg.inline or not scope.remote
+        self.executor: Executor = _INLINE if self.inline else scope.executor
+        traits = scope.traits
+        workers = 1 if self.inline else self.executor.max_workers
+        self.in_flight = 1 if self.inline else workers * traits.in_flight_per_worker
+        cap = self.unit.max_parallel
+        if cap is not None:
+            self.in_flight, workers = min(self.in_flight, cap), min(workers, cap)
+        self.workers = workers
+        self.progress_of = None if self.inline else traits.progress
+        self.token = scope.new_token()
+        self.view = TaskStore(snap.data(), self.token)  # load() and finish() see one view
+        self.ctx = TaskContext(scope.run_id, self.state, 1, None, scope.is_cancelled)
+        self.b = _Items()
+        self.seq = itertools.count()
+        self.source: Any = None
+        self.items: Iterator[Any] | None = None
+        self.sliceable = False
+        self.sizer = ChunkSizer(self.unit.chunk_size, workers, None, self.in_flight)
+        self.bar: Any = None
+
+    # -- the state -------------------------------------------------------------------------
+    def run(self) -> Any:
+        scope, started = self.scope, time.monotonic()
+        obs, error = scope.observers, None
+        if obs:
+            obs.emit("on_task_start", scope.info, self.state, self.name, 1)
+        try:
+            self.load()
+            self.drive()
+            return self.finish()
+        except BaseException as exc:
+            error = exc
+            self.stop(scope.stop_grace(exc))
+            raise
+        finally:
+            self.close()
+            if obs:
+                obs.emit(
+                    "on_task_end",
+                    scope.info,
+                    self.state,
+                    self.name,
+                    1,
+                    error=error,
+                    duration=time.monotonic() - started,
+                )
+
+    def fail_whole(self, what: str, exc: BaseException) -> TaskError:
+        err = TaskError(
+            f"{what} of batch task {self.name!r} of state {describe(self.state)} failed: "
+            f"{type(exc).__name__}: {exc}",
+            state=self.state,
+            task_name=self.name,
+            attempts=1,
+        )
+        err.__cause__ = exc
+        return err
+
+    def load(self) -> None:
+        previous = _set_context(self.ctx)
+        try:
+            self.source = self.unit.load(self.view)
+            self.items = iter(self.source)
+            total = len(self.source) if isinstance(self.source, Sized) else None
+        except Exception as exc:
+            raise self.fail_whole("load()", exc) from exc
+        finally:
+            _set_context(previous)
+        self.sliceable = type(self.source) in (list, tuple, range)
+        traits = self.scope.traits
+        self.sizer = ChunkSizer(
+            self.unit.chunk_size,
+            self.workers,
+            total,
+            self.in_flight,
+            traits.chunk_seconds,
+            traits.eager_chunks,
+        )
+        self.bar = progress_bar(
+            self.unit.progress, total, f"{describe(self.state)} {self.name}", "item"
+        )
+
+    def drive(self) -> None:
+        """Until every item has a result or a failure (or one failure is fatal)."""
+        scope, b = self.scope, self.b
+        while True:
+            scope.wake.clear()
+            self.collect()
+            now = time.monotonic()
+            self.expire(now)
+            if b.fatal is not None:
+                raise b.fatal
+            if b.finished:
+                break
+            scope.check_stop(self.state, now)
+            self.start(now)
+            if b.done or b.fatal is not None or b.finished:
+                continue
+            wake_at = [c.check_at for c in b.running if c.check_at is not None]
+            if b.retries:
+                wake_at.append(b.retries[0][0])
+            scope.wait_until(wake_at)
+        assert b.outstanding == 0, b.outstanding
+
+    def finish(self) -> Any:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        previous = _set_context(self.ctx)
+        try:
+            nxt = self.unit.finish(self.view, self.b.results)
+        except Exception as exc:
+            raise self.fail_whole("finish()", exc) from exc
+        finally:
+            _set_context(previous)
+        self.b.results = []
+        check_transition(self.scope, self.ref, nxt, kind="batch task")
+        self.scope.store._commit(self.view._finish(True))
+        return nxt
+
+    def stop(self, grace: float) -> None:
+        for ch in self.b.running:
+            if ch.future is not None:
+                self.executor.cancel(ch.future, grace)
+        self.b.running.clear()
+        self.view._finish(False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        close = getattr(self.items, "close", None)  # a generator: run its finally blocks
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.debug("closing the items of %r failed", self.name, exc_info=True)
+
+    # -- starting chunks ---------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        """Send chunks (requeued, due retries, then new items) while there is room."""
+        b = self.b
+        while len(b.running) + len(b.stopping) < self.in_flight and b.fatal is None:
+            ch: Chunk | None = None
+            if b.requeued:
+                ch = b.requeued[0]
+            elif b.retries and b.retries[0][0] <= now:
+                _, _, index, item, attempt = b.retries[0]
+                ch = Chunk([index], [item], attempt)
+            elif b.exhausted:
+                return
+            quota = self.scope.quota if not self.inline else None
+            if quota is not None and not quota.try_acquire(self.scope.wake):
+                return
+            try:
+                if ch is None:
+                    ch = self.pull()  # only once a pool slot is ours
+                    if ch is None:
+                        if quota is not None:
+                            quota.release()
+                        return
+                elif b.requeued and ch is b.requeued[0]:
+                    b.requeued.popleft()
+                else:
+                    heapq.heappop(b.retries)
+                ch.quota = quota is not None
+                self.submit(ch)
+            except BaseException:
+                if quota is not None and (ch is None or ch.quota):
+                    quota.release()  # never handed to a future
+                raise
+            if b.done:  # inline: finished already; collect before pulling more
+                return
+
+    def pull(self) -> Chunk | None:
+        assert self.items is not None
+        b = self.b
+        first = len(b.results)
+        size = self.sizer.next()
+        items: Sequence[Any]
+        try:
+            if self.sliceable:  # a slice: a memcpy for lists, three ints for a range
+                items = self.source[first : first + size]
+            else:
+                items = list(itertools.islice(self.items, size))
+        except Exception as exc:
+            raise self.fail_whole(f"load() (after {first} items)", exc) from exc
+        if len(items) < size:
+            b.exhausted = True
+        if not items:
+            return None
+        b.results.extend(itertools.repeat(None, len(items)))
+        b.outstanding += len(items)
+        return Chunk(range(first, first + len(items)), items, 1)
+
+    def submit(self, ch: Chunk) -> None:
+        """Send ``ch``; once its future exists, the future releases the quota slot."""
+        scope, cfg = self.scope, self.cfg
+        payload: Any = ch.items
+        if not self.inline:
+            try:
+                payload = cloudpickle.dumps(ch.items)
+            except Exception as exc:
+                raise ConfigError(
+                    f"items {ch.indices[0]}..{ch.indices[-1]} of batch task {self.name!r} "
+                    f"cannot be sent to a worker process: {type(exc).__name__}: {exc}. "
+                    "Make the items picklable (or send keys and keep the data in the "
+                    "store), or set config=TaskConfig(inline=True)"
+                ) from exc
+            self.sizer.observe_bytes(len(ch.items), len(payload))
+        first: Any = ch.indices.start if isinstance(ch.indices, range) else ch.indices
+        args = (payload, first, ch.attempt, cfg.timeout, scope.run_id, self.token, not self.inline)
+        ch.submitted = time.monotonic()
+        ch.check_at = ch.submitted + cfg.timeout if cfg.timeout is not None else None
+        wake, done = scope.wake, self.b.done
+
+        def finished(_f: Future[Any]) -> None:
+            done.append(ch)
+            wake.set()
+
+        if self.inline:
+            # In the driver: the run's own cancellation is the chunk's cancel flag.
+            fut: Future[Any] = Future()
+            fut.set_result(
+                run_batch_chunk(scope.is_cancelled, None, self.ref.spec, self.snap.data(), *args)
+            )
+            fut.add_done_callback(finished)
+        else:
+            call = Call(run_batch_chunk, (self.ref.blob, self.snap.blob), args)
+            holds_quota, ch.quota = ch.quota, False  # submit() releases it, or the future
+            fut = submit(
+                scope,
+                self.executor,
+                call,
+                Subject(self.state, self.name, cfg),
+                holds_quota=holds_quota,
+                on_done=finished,
+                hint="set config=TaskConfig(inline=True)",
+            )
+        self.b.running.add(ch)
+        ch.future = fut
+
+    # -- finished and overdue chunks ---------------------------------------------------------
+    def collect(self) -> None:
+        b = self.b
+        while b.done:
+            ch = b.done.popleft()
+            if ch in b.stopping:  # a timed-out chunk has really stopped: its slot is free
+                b.stopping.discard(ch)
+                continue
+            if ch not in b.running:
+                continue
+            b.running.discard(ch)
+            fut = ch.future
+            assert fut is not None
+            ch.future = None  # no cycle chunk <-> future (its callbacks hold the chunk)
+            try:
+                out = fut.result()
+            except WorkerDied as died:
+                self.charge(ch, died.position, self.crashed(died))
+                ch.items = []
+                continue
+            except Exception as exc:  # the call itself failed (the unit cannot load...)
+                raise self.fail_whole("a chunk", exc) from exc
+            self.settle(ch, out)
+            ch.items = []
+
+    def settle(self, ch: Chunk, out: ChunkOutcome) -> None:
+        """Place a finished chunk's results; its failed items spend an attempt each."""
+        b, scope = self.b, self.scope
+        try:
+            values, failures = cloudpickle.loads(out.packed) if not self.inline else out.packed
+        except Exception as exc:  # results that cannot be loaded here
+            exc.add_note("(while loading the chunk's results in the driver)")
+            for k in range(len(ch.items)):
+                self.item_failed(ch.indices[k], ch.items[k], ch.attempt, exc, None)
+            return
+        if self.unit.chunk_size is None:
+            self.sizer.observe(len(ch.items), out.timing.ended - out.timing.started)
+        if scope.observers.wants("on_task_timing"):
+            scope.observers.emit(
+                "on_task_timing",
+                scope.info,
+                self.state,
+                f"{self.name}[{ch.indices[0]}..{ch.indices[-1]}]",
+                ch.attempt,
+                pid=out.timing.pid,
+                started=out.timing.started,
+                ended=out.timing.ended,
+            )
+        n = len(values)
+        failed_positions = {f.position for f in failures}
+        if isinstance(ch.indices, range) and not failed_positions and n == len(ch.items):
+            b.results[ch.indices.start : ch.indices.stop] = values
+        else:
+            for k in range(n):
+                if k not in failed_positions:
+                    b.results[ch.indices[k]] = values[k]
+        finished = n - len(failed_positions)
+        b.outstanding -= finished
+        if self.bar is not None and finished:
+            self.bar.update(finished)
+        for failed in failures:
+            self.item_error(ch, failed)
+        if n < len(ch.items):  # stopped early (cancelled): send the rest again
+            b.requeued.append(Chunk(ch.indices[n:], ch.items[n:], ch.attempt))
+
+    def item_error(self, ch: Chunk, failed: ItemFailed) -> None:
+        index, item = ch.indices[failed.position], ch.items[failed.position]
+        if failed.kind == "timeout" or failed.failure is None:
+            self.item_failed(index, item, ch.attempt, self.timed_out(index, ch.attempt), None)
+            return
+        tb = failed.failure.traceback
+        self.item_failed(index, item, ch.attempt, decode_error(failed.failure), tb)
+
+    def expire(self, now: float) -> None:
+        """Stop chunks whose running item overran its timeout."""
+        timeout = self.cfg.timeout
+        if timeout is None:
+            return
+        b = self.b
+        for ch in list(b.running):
+            if ch.check_at is None or now < ch.check_at:
+                continue
+            fut = ch.future
+            assert fut is not None
+            if fut.done():
+                continue
+            if self.progress_of is None:
+                # The executor cannot say which item runs: time the chunk as a whole.
+                if now < ch.submitted + timeout * len(ch.items):
+                    ch.check_at = ch.submitted + timeout * len(ch.items)
+                    continue
+                position = None
+            else:
+                where = self.progress_of(fut)
+                if where is None:  # not started yet
+                    ch.check_at = now + timeout
+                    continue
+                position, item_started = where
+                if now < item_started + timeout:
+                    ch.check_at = item_started + timeout
+                    continue
+            b.running.discard(ch)
+            b.stopping.add(ch)  # holds its pool slot until it has stopped
+            self.executor.cancel(fut, self.scope.cancel_grace)
+            self.charge(ch, position, self.timed_out)
+            ch.items = []
+
+    # -- failures ------------------------------------------------------------------------------
+    def subject(self, index: int) -> Subject:
+        return Subject(self.state, self.name, self.cfg, index)
+
+    def timed_out(self, index: int, attempt: int) -> BaseException:
+        return make_timeout_error(self.subject(index), attempt)
+
+    def crashed(self, died: WorkerDied) -> ErrorMaker:
+        def make(index: int, attempt: int) -> BaseException:
+            return crash_error(self.subject(index), attempt, died)
+
+        return make
+
+    def charge(self, ch: Chunk, position: int | None, make: ErrorMaker) -> None:
+        """A chunk stopped at ``position`` (timeout, crash): that item spends an attempt;
+        the others go again unchanged."""
+        n = len(ch.items)
+        if position is None or not 0 <= position < n:
+            if n != 1:  # cannot tell which item: send each alone, nobody charged
+                for k in range(n):
+                    self.b.requeued.append(Chunk([ch.indices[k]], [ch.items[k]], ch.attempt))
+                return
+            position = 0
+        rest = [k for k in range(n) if k != position]
+        if rest:
+            self.b.requeued.append(
+                Chunk([ch.indices[k] for k in rest], [ch.items[k] for k in rest], ch.attempt)
+            )
+        index = ch.indices[position]
+        self.item_failed(index, ch.items[position], ch.attempt, make(index, ch.attempt), None)
+
+    def item_failed(
+        self, index: int, item: Any, attempt: int, exc: BaseException, tb: str | None
+    ) -> None:
+        b = self.b
+        level = logging.WARNING if b.failures_logged < WARN_FAILURES else logging.DEBUG
+        decision = retry_or_fail(self.scope, self.subject(index), attempt, exc, tb, level=level)
+        if not isinstance(decision, Failed):
+            b.failures_logged += 1
+            if b.failures_logged == WARN_FAILURES:
+                log.warning(
+                    "%s run %s: further item failures of batch task %r are logged at DEBUG",
+                    self.scope.plan.name,
+                    self.scope.run_id,
+                    self.name,
+                    extra=self.scope.log_extra(self.state, self.name),
+                )
+            heapq.heappush(b.retries, (decision.at, next(self.seq), index, item, attempt + 1))
+            return
+        b.outstanding -= 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.unit.on_error == "collect":
+            b.results[index] = ItemFailure(index, decision.cause, attempt)
+        elif b.fatal is None:
+            b.fatal = decision.error

@@ -1,0 +1,181 @@
+"""Run: one run of a workflow, from its initial state to an exit state (the FSM loop)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pickle
+import time
+from typing import Any
+
+from .. import _signals
+from .._executor import Executor
+from .._log import get_logger
+from .._observe import Observers, RunInfo
+from .._store import SharedStore, Snapshot
+from .._wire import Blob
+from .plan import Plan, Quota, StateEntry, describe
+from .scope import CANCEL_GRACE, RunScope
+from .task_state import TaskState
+
+__all__ = ["Run"]
+
+log = get_logger("cano_mp.engine")
+
+_NO_INITIAL: Any = object()
+
+
+class Run:
+    """One run of a workflow: made by ``Workflow.start_run()``, driven by :meth:`run`.
+
+    ``cancel()`` (another thread) stops it with ``RunCancelled``; SIGTERM with
+    ``Terminated`` (see ``_signals``).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        store: SharedStore,
+        executor: Executor,
+        *,
+        observers: Observers,
+        timeout: float | None,
+        quota: Quota | None,
+        cancel_grace: float = CANCEL_GRACE,
+        initial: Any = _NO_INITIAL,
+    ) -> None:
+        self.scope = RunScope(
+            plan,
+            store,
+            executor,
+            observers=observers,
+            timeout=timeout,
+            quota=quota,
+            cancel_grace=cancel_grace,
+        )
+        self.initial = initial
+        self.state: Any = None
+
+    @property
+    def run_id(self) -> str:
+        return self.scope.run_id
+
+    @property
+    def info(self) -> RunInfo:
+        return self.scope.info
+
+    @property
+    def store(self) -> SharedStore:
+        return self.scope.store
+
+    def cancel(self, grace: float | None = None) -> None:
+        """Stop the run from another thread: it raises ``RunCancelled``."""
+        self.scope.cancel(grace)
+
+    def terminate(self) -> None:
+        """Stop the run at once (SIGTERM): it raises ``Terminated``."""
+        self.scope.terminate()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, initial: Any = _NO_INITIAL) -> Any:
+        """Walk the machine from ``initial`` (default: the state given when it was made) to
+        an exit state and return it; raise what ended the run."""
+        state = self.initial if initial is _NO_INITIAL else initial
+        scope, obs = self.scope, self.scope.observers
+        started = time.monotonic()
+        if scope.timeout is not None:
+            scope.deadline = started + scope.timeout
+        if obs:
+            obs.emit("on_workflow_start", scope.info)
+        self.state = state
+        error: BaseException | None = None
+        holds_store = False
+        _signals.install()
+        _signals.register_run(self)
+        try:
+            scope.check_known(state, None)
+            holds_store = self.hold_store(state)
+            while True:
+                if obs:
+                    obs.emit("on_state_enter", scope.info, state)
+                if state in scope.plan.exits:
+                    return state
+                nxt = self.run_state(scope.plan.entries[state])
+                if log.isEnabledFor(logging.INFO):
+                    log.info(
+                        "%s run %s: %s -> %s",
+                        scope.plan.name, scope.run_id, describe(state), describe(nxt),
+                        extra=scope.log_extra(state),
+                    )  # fmt: skip
+                state = self.state = nxt
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if holds_store:
+                scope.store._run_lock.release()
+            _signals.unregister_run(self)
+            self.ended(state, error, time.monotonic() - started)
+
+    def ended(self, state: Any, error: BaseException | None, duration: float) -> None:
+        scope = self.scope
+        if scope.observers:
+            scope.observers.emit(
+                "on_workflow_end", scope.info,
+                final_state=state if error is None else None, error=error, duration=duration,
+            )  # fmt: skip
+        if log.isEnabledFor(logging.INFO):
+            how = f": {type(error).__name__}: {error}" if error else f" at {describe(state)}"
+            log.info(
+                "%s run %s %s in %.3fs%s",
+                scope.plan.name, scope.run_id, "failed" if error else "finished", duration, how,
+                extra=scope.log_extra(),
+            )  # fmt: skip
+
+    def hold_store(self, state: Any) -> bool:
+        """Wait until no other run uses this run's store: runs on one store are serialised,
+        so that two of them never overwrite each other's updates."""
+        scope = self.scope
+        lock = scope.store._run_lock
+        if lock.acquire(blocking=False):
+            return True
+        log.info(
+            "%s run %s waits: another run is using its store",
+            scope.plan.name,
+            scope.run_id,
+            extra=scope.log_extra(state),
+        )
+        while True:
+            scope.check_stop(state, time.monotonic())
+            wait = 0.1
+            if scope.deadline is not None:
+                wait = max(0.0, min(wait, scope.deadline - time.monotonic()))
+            if lock.acquire(timeout=wait):
+                return True
+
+    def run_state(self, entry: StateEntry) -> Any:
+        """Run one state's work on a snapshot of the store; return the next state."""
+        scope = self.scope
+        snap = snapshot_blob(scope.store._take_snapshot())
+        if entry.batch:
+            from .batch_state import BatchState  # imported on first use: import time
+
+            return BatchState(scope, entry, snap).run()
+        state = TaskState(scope, entry, snap)
+        if entry.join is None and (entry.units[0].config.inline or not scope.remote):
+            return state.run_inline()
+        return state.run()
+
+
+def snapshot_blob(snap: Snapshot) -> Snapshot:
+    """Give ``snap`` its blob (serialised once per store version) and return it."""
+    if snap.blob is None:
+        # The blob must not refer back to the snapshot: a cycle would keep the snapshot,
+        # and the segments it keeps alive, until the cyclic garbage collector runs.
+        data = snap.data()
+        snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
+    return snap
+
+
+def _dumps(data: Any) -> bytes:
+    return pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)

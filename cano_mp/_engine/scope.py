@@ -1,0 +1,179 @@
+"""RunScope: what every state of one run shares — its store, executor, observers, quota,
+deadline, cancellation and the one event its driver thread sleeps on."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from .._errors import CanoError, Terminated, TransitionError, WorkflowTimeout
+from .._executor import Executor, InlineExecutor
+from .._observe import Observers, RunInfo
+from .._store import SharedStore
+from .plan import Plan, Quota, UnitRef, describe
+
+__all__ = ["CANCEL_GRACE", "IN_FLIGHT_PER_WORKER", "RunCancelled", "RunScope", "Traits"]
+
+# Seconds a cancelled or timed-out call gets to notice task_context().cancelled() and
+# return before its worker is killed. Longer lets more tasks stop cleanly (their worker
+# survives, no respawn); shorter frees the slot sooner.
+CANCEL_GRACE = 0.25
+
+# Calls kept in flight per pool worker for one state: 2 hides the driver's dispatch
+# latency behind the running call; more only queues calls where their timeouts tick.
+IN_FLIGHT_PER_WORKER = 2
+
+# The work an automatic BatchTask chunk aims at (seconds), unless the executor says.
+CHUNK_SECONDS = 0.1
+
+_tokens = itertools.count(1)
+
+
+class RunCancelled(CanoError):
+    """The run was cancelled from outside (ConcurrentWorkflow, asyncio cancellation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Traits:
+    """What the engine needs to know about an executor, read once per run."""
+
+    remote: bool  # calls run in other processes (False: inline, in the driver)
+    in_flight_per_worker: int
+    chunk_seconds: float
+    eager_chunks: bool
+    progress: Callable[[Future[Any]], tuple[int, float] | None] | None
+
+
+def traits_of(executor: Executor) -> Traits:
+    """The executor's optional capabilities, with the defaults of the Executor protocol."""
+    in_flight = getattr(executor, "in_flight_per_worker", None)
+    chunk = getattr(executor, "chunk_seconds", None)
+    return Traits(
+        remote=not isinstance(executor, InlineExecutor),
+        in_flight_per_worker=in_flight
+        if isinstance(in_flight, int) and in_flight >= 1
+        else IN_FLIGHT_PER_WORKER,
+        chunk_seconds=float(chunk)
+        if isinstance(chunk, float | int) and chunk > 0
+        else CHUNK_SECONDS,
+        eager_chunks=bool(getattr(executor, "eager_chunks", False)),
+        progress=getattr(executor, "progress", None),
+    )
+
+
+class RunScope:
+    """The context of one run, shared by the states it drives."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        store: SharedStore,
+        executor: Executor,
+        *,
+        observers: Observers,
+        timeout: float | None,
+        quota: Quota | None,
+        cancel_grace: float = CANCEL_GRACE,
+    ) -> None:
+        self.plan = plan
+        self.store = store
+        self.executor = executor
+        self.traits = traits_of(executor)
+        self.observers = observers
+        self.timeout = timeout
+        self.quota = quota
+        self.cancel_grace = cancel_grace
+        self.run_id = uuid.uuid4().hex[:12]
+        self.info = RunInfo(self.run_id, plan.name)
+        self.wake = threading.Event()
+        self.deadline: float | None = None
+        self.cancelled = False
+        self._cancel_error: type[CanoError] = RunCancelled
+        self._grace_on_cancel = cancel_grace
+
+    @property
+    def remote(self) -> bool:
+        return self.traits.remote
+
+    def cancel(self, grace: float | None = None) -> None:
+        """Stop the run from another thread: it raises :class:`RunCancelled`.
+
+        In-flight calls get ``grace`` seconds (default: the run's ``cancel_grace``) to
+        notice ``task_context().cancelled()`` before their workers are killed.
+        """
+        self._grace_on_cancel = self.cancel_grace if grace is None else max(0.0, grace)
+        self.cancelled = True
+        self.wake.set()
+
+    def terminate(self) -> None:
+        """Stop the run at once because the process got SIGTERM: it raises ``Terminated``."""
+        self._cancel_error = Terminated
+        self.cancel(0.0)
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+    def stop_grace(self, exc: BaseException) -> float:
+        """How long in-flight calls get to stop when ``exc`` ends a state."""
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return 0.0
+        if isinstance(exc, RunCancelled):
+            return self._grace_on_cancel
+        return self.cancel_grace
+
+    def check_stop(self, state: Any, now: float) -> None:
+        """Raise when the run was cancelled or its wall-clock budget is spent."""
+        if self.cancelled:
+            if self._cancel_error is Terminated:
+                raise Terminated(f"run {self.run_id} was stopped: the process received SIGTERM")
+            raise RunCancelled(f"run {self.run_id} was cancelled")
+        if self.deadline is not None and now >= self.deadline:
+            raise WorkflowTimeout(
+                f"workflow {self.plan.name!r} timed out after {self.timeout}s "
+                f"in state {describe(state)}",
+                state=state,
+            )
+
+    def check_known(self, state: Any, by: UnitRef | None) -> None:
+        """Raise ``TransitionError`` unless ``state`` is registered or an exit state."""
+        try:
+            known = state in self.plan.entries or state in self.plan.exits
+        except TypeError:
+            known = False
+        if not known:
+            valid = ", ".join(describe(s) for s in self.plan.table) or "none"
+            who = f"task {by.name!r} returned" if by is not None else "initial state"
+            raise TransitionError(
+                f"{who} {describe(state)}, which is neither a registered state nor an exit "
+                f"state of workflow {self.plan.name!r} (valid: {valid})",
+                state=state,
+            )
+
+    def new_token(self) -> str:
+        """A name for one attempt's segments (found and discarded by it if it fails)."""
+        return f"t{self.run_id}{next(_tokens)}"
+
+    def wait_until(self, wake_at: list[float]) -> None:
+        """Sleep until the nearest of ``wake_at`` (or the run's deadline), or a wake-up."""
+        if self.deadline is not None:
+            wake_at.append(self.deadline)
+        timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
+        self.wake.wait(timeout)
+
+    def log_extra(
+        self, state: Any = None, task: str | None = None, attempt: int | None = None
+    ) -> dict[str, Any]:
+        """The tags every cano_mp log record of this run carries."""
+        return {
+            "run_id": self.run_id,
+            "workflow": self.plan.name,
+            "state": state,
+            "task": task,
+            "attempt": attempt,
+        }

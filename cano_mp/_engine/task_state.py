@@ -1,0 +1,382 @@
+"""TaskState: one state's branches — one for a plain task, several for a split — driven
+through their attempts until the state's outcome is decided.
+
+::
+
+    waiting --quota + bulkhead--> running --ok------------------------> ok
+                                     |  \\--error / timeout / crash--> retry --delay--> waiting
+                                     |                           \\--retries spent--> failed
+                                     \\--the join no longer needs it / timeout / Ctrl-C--> cancelled
+
+Each pass of :meth:`TaskState.run` collects finished calls, expires overdue ones, asks the
+join (``_join.decide``, pure) for a verdict, starts what may start, then sleeps on the run's
+event until a call finishes or the nearest deadline. :meth:`TaskState.run_inline` is the
+fast path of a plain task in the driver: no future, no wake-ups.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._calls import run_unit_call
+from .._errors import TaskCancelled, TaskError
+from .._executor import Executor, InlineExecutor
+from .._join import JoinError, SplitResult, decide
+from .._log import get_logger
+from .._store import Snapshot
+from .._wire import Call, UnitOutcome, WorkerDied, decode_error
+from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
+from .attempts import timeout_error as make_timeout_error
+from .plan import StateEntry, UnitRef, describe
+from .scope import RunScope
+
+__all__ = ["TaskState"]
+
+log = get_logger("cano_mp.engine")
+
+_INLINE = InlineExecutor()
+
+
+@dataclass(eq=False)
+class Branch:
+    index: int
+    ref: UnitRef
+    status: str = "waiting"  # waiting | running | retry | ok | failed | cancelled
+    attempt: int = 0
+    future: Future[Any] | None = None
+    executor: Executor | None = None
+    token: str = ""
+    deadline: float | None = None
+    started: float = 0.0
+    retry_at: float = 0.0
+    next_state: Any = None
+    log: list[Any] = field(default_factory=list)
+    error: TaskError | None = None
+
+    def subject(self, state: Any) -> Subject:
+        return Subject(state, self.ref.name, self.ref.config)
+
+
+class TaskState:
+    """Drives the branches of one state. Kept incrementally by where each branch is, so that
+    a wide split costs O(1) per completion, not O(branches)."""
+
+    def __init__(self, scope: RunScope, entry: StateEntry, snap: Snapshot) -> None:
+        self.scope = scope
+        self.entry = entry
+        self.state = entry.state
+        self.snap = snap
+        self.branches = [Branch(i, ref) for i, ref in enumerate(entry.units)]
+        self.waiting: deque[Branch] = deque(self.branches)
+        self.retrying: list[Branch] = []
+        self.running: set[Branch] = set()
+        self.done: deque[tuple[Branch, Future[Any]]] = deque()
+        self.ok = 0
+        self.failed = 0
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> Any:
+        """Drive the branches to a verdict; return the next state (or raise)."""
+        scope, join = self.scope, self.entry.join
+        join_deadline = None
+        if join is not None and join.timeout is not None:
+            join_deadline = time.monotonic() + join.timeout
+        # Calls beyond what the pool can run only wait in its queue, where they cannot be
+        # cancelled cheaply and where their timeouts would already be ticking.
+        limit = float(scope.executor.max_workers * scope.traits.in_flight_per_worker)
+        if join is not None and join.max_parallel:
+            limit = min(limit, join.max_parallel)
+        try:
+            while True:
+                scope.wake.clear()
+                self.collect()
+                now = time.monotonic()
+                self.expire(now)
+                timed_out = join_deadline is not None and now >= join_deadline
+                verdict = self.verdict(timed_out)
+                if verdict != "wait":
+                    break
+                scope.check_stop(self.state, now)
+                self.start(limit, now)
+                if not self.done:
+                    scope.wait_until(self.wake_times(join_deadline))
+        except BaseException as exc:
+            self.stop(scope.stop_grace(exc))
+            raise
+        self.stop(scope.cancel_grace)
+        return self.finish(verdict, timed_out)
+
+    def wake_times(self, join_deadline: float | None) -> list[float]:
+        wake_at = [join_deadline] if join_deadline is not None else []
+        wake_at.extend(b.deadline for b in self.running if b.deadline is not None)
+        wake_at.extend(b.retry_at for b in self.retrying)
+        return wake_at
+
+    def verdict(self, timed_out: bool) -> str:
+        pending = len(self.branches) - self.ok - self.failed
+        if self.entry.join is None:
+            return "proceed" if self.ok else "fail" if self.failed else "wait"
+        return decide(self.entry.join.strategy, self.ok, self.failed, pending, timed_out)
+
+    # -- starting ----------------------------------------------------------------------------
+    def start(self, limit: float, now: float) -> None:
+        """Move due retries back to waiting; submit waiting branches while there is room."""
+        if self.retrying:
+            for b in [b for b in self.retrying if now >= b.retry_at]:
+                self.retrying.remove(b)
+                b.status = "waiting"
+                self.waiting.appendleft(b)
+        quota = self.scope.quota
+        while self.waiting and len(self.running) < limit:
+            b = self.waiting[0]
+            inline = b.ref.config.inline or not self.scope.remote
+            holds_quota = quota is not None and not inline
+            if quota is not None and holds_quota and not quota.try_acquire(self.scope.wake):
+                return
+            self.waiting.popleft()
+            self.submit(b, inline, holds_quota)
+
+    def submit(self, b: Branch, inline: bool, holds_quota: bool) -> None:
+        scope = self.scope
+        b.attempt += 1
+        b.status = "running"
+        b.token = scope.new_token()
+        timeout = b.ref.config.timeout
+        b.started = time.monotonic()
+        b.deadline = b.started + timeout if timeout is not None else None
+        executor = _INLINE if inline else scope.executor
+        b.executor = executor
+        call = Call(
+            run_unit_call,
+            (b.ref.blob, self.snap.blob),
+            (b.attempt, scope.run_id, b.token, not inline and scope.remote),
+            b.deadline,
+        )
+        self._attempt_starts(b)
+        self.running.add(b)
+        done, wake = self.done, scope.wake
+
+        def finished(f: Future[Any]) -> None:
+            done.append((b, f))
+            wake.set()
+
+        try:
+            b.future = submit(
+                scope,
+                executor,
+                call,
+                b.subject(self.state),
+                holds_quota=holds_quota,
+                on_done=finished,
+            )
+        except BaseException:
+            self.running.discard(b)
+            b.status = "waiting"
+            b.attempt -= 1
+            self.waiting.appendleft(b)
+            raise
+
+    def _attempt_starts(self, b: Branch) -> None:
+        scope = self.scope
+        if scope.observers:
+            scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s run %s: %s attempt %d of %s starts",
+                scope.plan.name,
+                scope.run_id,
+                b.ref.name,
+                b.attempt,
+                describe(self.state),
+                extra=scope.log_extra(self.state, b.ref.name, b.attempt),
+            )
+
+    # -- finishing calls ---------------------------------------------------------------------
+    def collect(self) -> None:
+        """Take the outcomes of the calls that finished since the last pass."""
+        while self.done:
+            b, fut = self.done.popleft()
+            if b.future is not fut or b.status != "running":
+                continue  # a call that was cancelled or timed out has stopped
+            self.running.discard(b)
+            try:
+                out = fut.result()
+            except WorkerDied as died:
+                self.discard(b)  # the dead attempt may have written segments
+                self.attempt_failed(b, crash_error(b.subject(self.state), b.attempt, died), None)
+                continue
+            except Exception as exc:
+                self.discard(b)
+                self.attempt_failed(b, exc, None)
+                continue
+            self.outcome(b, out, overdue=b.executor is _INLINE)
+
+    def outcome(self, b: Branch, out: UnitOutcome, overdue: bool) -> None:
+        """One attempt's outcome; ``overdue``: check the deadline (inline calls cannot be
+        stopped, so they are judged when they return)."""
+        if self.scope.observers.wants("on_task_timing"):
+            self.scope.observers.emit(
+                "on_task_timing",
+                self.scope.info,
+                self.state,
+                b.ref.name,
+                b.attempt,
+                pid=out.timing.pid,
+                started=out.timing.started,
+                ended=out.timing.ended,
+            )
+        failure = out.failure
+        if failure is not None:
+            self.attempt_failed(b, decode_error(failure), failure.traceback)
+        elif overdue and b.deadline is not None and time.monotonic() > b.deadline:
+            self.scope.store._discard(b.token)
+            self.attempt_failed(b, make_timeout_error(b.subject(self.state), b.attempt), None)
+        else:
+            b.next_state = b.ref.spec.decode_state(out.state)
+            b.log = out.log
+            b.status = "ok"
+            self.ok += 1
+            self.task_end(b, None)
+
+    def expire(self, now: float) -> None:
+        """Stop the attempts that overran their timeout (each counts as a failed attempt)."""
+        for b in [b for b in self.running if b.deadline is not None and now >= b.deadline]:
+            assert b.future is not None and b.executor is not None
+            if b.future.done():
+                continue  # collected on the next pass
+            self.running.discard(b)
+            b.executor.cancel(b.future, self.scope.cancel_grace)
+            self.discard(b)
+            self.attempt_failed(b, make_timeout_error(b.subject(self.state), b.attempt), None)
+
+    def attempt_failed(self, b: Branch, error: BaseException, remote_tb: str | None) -> None:
+        self.task_end(b, error)
+        decision = retry_or_fail(self.scope, b.subject(self.state), b.attempt, error, remote_tb)
+        b.future = None
+        if isinstance(decision, Failed):
+            b.status = "failed"
+            b.error = decision.error
+            self.failed += 1
+        else:
+            b.status = "retry"
+            b.retry_at = decision.at
+            self.retrying.append(b)
+
+    def stop(self, grace: float) -> None:
+        """Cancel what still runs (its writes discarded) and what has not started."""
+        for b in self.running:
+            assert b.future is not None and b.executor is not None
+            b.executor.cancel(b.future, grace)
+            self.discard(b)
+            b.status = "cancelled"
+            if self.scope.observers:
+                why = f"attempt {b.attempt} of task {b.ref.name!r} was cancelled"
+                self.task_end(b, TaskCancelled(why))
+        for b in [*self.waiting, *self.retrying]:
+            b.status = "cancelled"
+        self.running.clear()
+        self.waiting.clear()
+        self.retrying.clear()
+
+    def discard(self, b: Branch) -> None:
+        """Free the segments the attempt wrote, once its call has really stopped."""
+        token, store = b.token, self.scope.store
+        if b.future is not None:
+            b.future.add_done_callback(lambda _f: store._discard(token))
+
+    def task_end(self, b: Branch, error: BaseException | None) -> None:
+        scope = self.scope
+        if scope.observers:
+            scope.observers.emit(
+                "on_task_end",
+                scope.info,
+                self.state,
+                b.ref.name,
+                b.attempt,
+                error=error,
+                duration=time.monotonic() - b.started,
+            )
+
+    # -- the state's outcome -----------------------------------------------------------------
+    def finish(self, verdict: str, timed_out: bool) -> Any:
+        """Commit what the verdict keeps and return the next state, or raise."""
+        if self.entry.join is None:
+            b = self.branches[0]
+            if verdict == "fail":
+                assert b.error is not None
+                raise b.error
+            check_transition(self.scope, b.ref, b.next_state)
+            self.scope.store._commit(b.log)
+            return b.next_state
+        return self.finish_split(verdict, timed_out)
+
+    def finish_split(self, verdict: str, timed_out: bool) -> Any:
+        scope, join = self.scope, self.entry.join
+        assert join is not None
+        result: SplitResult[Any] = SplitResult(total=len(self.branches))
+        for b in self.branches:
+            if b.status == "ok":
+                result.successes.append((b.index, b.next_state))
+            elif b.status == "failed":
+                assert b.error is not None
+                result.errors.append((b.index, b.error))
+            else:
+                result.cancelled.append(b.index)
+        if scope.observers:
+            scope.observers.emit("on_split_end", scope.info, self.state, result)
+        if verdict == "fail":
+            raise JoinError(
+                f"split in state {describe(self.state)} failed its "
+                f"{join.strategy!r} join: {result!r}"
+                + (f" at its {join.timeout}s timeout" if timed_out else ""),
+                result=result,
+                timed_out=timed_out,
+            )
+        for b in self.branches:
+            if b.status == "ok":
+                scope.store._commit(b.log)
+        if join.result_key is not None:
+            scope.store.put(join.result_key, result)
+        return join.join_state
+
+    # -- the fast path -----------------------------------------------------------------------
+    def run_inline(self) -> Any:
+        """A plain task in the driver: no future, no pool, no wake-ups."""
+        scope, b = self.scope, self.branches[0]
+        self.waiting.clear()
+        while True:
+            now = time.monotonic()
+            scope.check_stop(self.state, now)
+            b.attempt += 1
+            b.status = "running"
+            b.started = now
+            timeout = b.ref.config.timeout
+            b.deadline = now + timeout if timeout is not None else None
+            b.token = scope.new_token()
+            if scope.observers:
+                scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
+            out = run_unit_call(
+                scope.is_cancelled,
+                b.deadline,
+                b.ref.spec,
+                self.snap.data(),
+                b.attempt,
+                scope.run_id,
+                b.token,
+                False,
+            )
+            self.outcome(b, out, overdue=True)
+            if b.status == "ok":
+                return self.finish("proceed", False)
+            if b.status == "failed":
+                return self.finish("fail", False)
+            self.retrying.clear()
+            until = b.retry_at if scope.deadline is None else min(b.retry_at, scope.deadline)
+            scope.wake.clear()
+            while not scope.cancelled and time.monotonic() < until:
+                scope.wake.wait(until - time.monotonic())
