@@ -73,6 +73,16 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
+
+def _report_public_module() -> None:
+    from ._public import public
+
+    for name in __all__:
+        obj = globals().get(name)
+        if isinstance(obj, type) and obj.__module__.startswith("cano_mp._"):
+            public(obj)
+
+
 __all__ = [
     "Backoff",
     "BatchTask",
@@ -119,3 +129,5 @@ __all__ = [
     "task",
     "task_context",
 ]
+
+_report_public_module()

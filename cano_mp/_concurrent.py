@@ -23,6 +23,7 @@ from ._durations import limit
 from ._engine import Run, RunCancelled, describe
 from ._errors import ConfigError, Terminated
 from ._progress import progress_bar
+from ._public import public
 from ._store import SharedStore
 
 if TYPE_CHECKING:
@@ -427,3 +428,6 @@ class _Execution(Generic[S]):
             for i in self.instances
         ]
         return ConcurrentResult(results, time.monotonic() - t0, self.owned)
+
+
+public(WaitStrategy, InstanceResult, ConcurrentResult, ConcurrentWorkflow)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ._errors import TaskCancelled, TaskTimeout, WorkerCrashed
 from ._observe import Observer, RunInfo
+from ._public import public
 
 __all__ = ["DEFAULT_BUCKETS", "MetricsObserver"]
 
@@ -234,3 +235,6 @@ def _fmt_labels(labels: dict[str, str]) -> str:
         escaped = str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
         parts.append(f'{k}="{escaped}"')
     return "{" + ",".join(parts) + "}"
+
+
+public(MetricsObserver)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._files import write_atomic
 from ._observe import AttemptObserver, RunInfo
+from ._public import public
 
 __all__ = ["TraceRecorder"]
 
@@ -165,3 +166,6 @@ class TraceRecorder(AttemptObserver):
         return f"<TraceRecorder {len(self._events)} events" + (
             f" -> {self.path}>" if self.path else ">"
         )
+
+
+public(TraceRecorder)
