@@ -32,9 +32,9 @@ from ._context import TaskContext, _LazyContext, _set_context
 from ._errors import Terminated
 from ._store import ReadOnlyStore, SnapshotData, TaskStore
 from ._task import Node, Task
-from ._wire import ChunkOutcome, ItemFailed, Timing, UnitOutcome, encode_error
+from ._wire import ChunkOutcome, ItemFailed, Timing, UnitOutcome, encode_error, short_repr
 
-__all__ = ["UnitSpec", "run_batch_chunk", "run_unit_call"]
+__all__ = ["TaskExit", "UnitSpec", "UnknownState", "run_batch_chunk", "run_unit_call"]
 
 
 class UnitSpec:
@@ -59,7 +59,12 @@ class UnitSpec:
             i = self._index.get(value) if isinstance(value, Hashable) else None
         except TypeError:
             i = None
-        if i is not None and self.table[i] == value and type(self.table[i]) is type(value):
+        if i is None:
+            # Neither registered nor an exit state: the run fails with TransitionError. Send
+            # its name, not the value: an Enum defined in a script's __main__ (or a huge
+            # value) may not even pickle back, which would look like a task failure.
+            return ("u", UnknownState(value))
+        if self.table[i] == value and type(self.table[i]) is type(value):
             return ("i", i)
         return ("v", value)
 
@@ -85,6 +90,33 @@ class UnitSpec:
         }
 
 
+class TaskExit(Exception):
+    """A task called ``sys.exit()`` (or raised ``SystemExit``): a failure of that task,
+    never the end of the worker or of the driver."""
+
+
+def _as_failure(exc: BaseException) -> BaseException:
+    if isinstance(exc, SystemExit):
+        err = TaskExit(f"the task called sys.exit({exc.code!r})")
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+class UnknownState:
+    """Stands in for a returned state that is not in the workflow's state table: only its
+    description travels (see ``UnitSpec.encode_state``)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: Any) -> None:
+        name = value.name if isinstance(value, enum.Enum) else None
+        self.text = f"{type(value).__qualname__}.{name}" if name else short_repr(value)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def execute_unit(unit: Any, store: TaskStore) -> Any:
     if isinstance(unit, Task | Node):
         return unit.run(store)  # Node.run: prep -> exec -> post, unless overridden
@@ -94,14 +126,16 @@ def execute_unit(unit: Any, store: TaskStore) -> Any:
 def run_unit_call(
     cancelled: Callable[[], bool],
     deadline: float | None,
-    spec: UnitSpec,
+    units: Sequence[UnitSpec],
     snap: SnapshotData,
+    index: int,
     attempt: int,
     run_id: str,
     token: str,
     remote: bool,
 ) -> UnitOutcome:
-    """Run one attempt of ``spec.unit``; never raises for errors of the task itself."""
+    """Run one attempt of ``units[index]``; never raises for errors of the task itself."""
+    spec = units[index]
     pid = os.getpid()
     started = time.time()
     store = TaskStore(snap, token)
@@ -114,9 +148,9 @@ def run_unit_call(
     except Terminated:  # SIGTERM reached an inline task: stop the run, never retry
         store._finish(False)
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         store._finish(False)
-        failure = encode_error(exc, remote, traceback.format_exc())
+        failure = encode_error(_as_failure(exc), remote, traceback.format_exc())
         return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
     except BaseException:
         store._finish(False)
@@ -160,8 +194,9 @@ def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
 def run_batch_chunk(
     control: Callable[[], bool],
     deadline: float | None,
-    spec: UnitSpec,
+    units: Sequence[UnitSpec],
     snap: SnapshotData,
+    index: int,
     payload: Any,
     first: int | Sequence[int],
     attempt: int,
@@ -176,6 +211,7 @@ def run_batch_chunk(
     each failure an :class:`~cano_mp._wire.ItemFailed`. ``deadline`` is unused: each item
     has its own (``timeout``).
     """
+    spec = units[index]
     pid = os.getpid()
     started = time.time()
     items: Sequence[Any] = cloudpickle.loads(payload) if remote else payload
@@ -228,6 +264,7 @@ class _Chunk:
 
     def _failed(self, k: int, exc: BaseException) -> None:
         tb = traceback.format_exc()
+        # SystemExit too: it is the item's failure, kept as is in its ItemFailure
         self.failures.append(ItemFailed(k, "err", encode_error(exc, self.remote, tb)))
 
     def run_untimed(self) -> None:

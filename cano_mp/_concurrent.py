@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._durations import limit
-from ._engine import Run, RunCancelled, describe
+from ._engine import Frozen, Run, RunCancelled, describe
 from ._errors import ConfigError, Terminated
 from ._progress import progress_bar
 from ._public import public
@@ -299,8 +299,8 @@ class ConcurrentWorkflow(Generic[S]):
         else:
             raise ConfigError(f"stores must be an int or a sequence of SharedStore, got {stores!r}")
         initial = self.workflow.initial_state(initial_state)
-        self.workflow._get_plan()  # validate now, in the caller's thread
-        return _Execution(self, chosen, owned, initial, wait)
+        frozen = self.workflow.freeze()  # validated now, in the caller's thread
+        return _Execution(self, chosen, owned, initial, wait, frozen)
 
 
 @dataclass(eq=False)
@@ -325,9 +325,11 @@ class _Execution(Generic[S]):
         owned: list[SharedStore],
         initial: Any,
         wait: WaitStrategy,
+        frozen: Frozen,
     ) -> None:
         self.owner = owner
         self.workflow = owner.workflow
+        self.frozen = frozen  # every instance runs the tasks as they were at execute()
         self.instances = [_Instance(i, s) for i, s in enumerate(stores)]
         self.owned = owned
         self.initial = initial
@@ -356,7 +358,7 @@ class _Execution(Generic[S]):
                 if self.stopping or not self.pending:
                     return
                 inst = self.pending.popleft()
-                inst.run = self.workflow.start_run(inst.store, self.initial)
+                inst.run = self.workflow.start_run(inst.store, self.initial, frozen=self.frozen)
                 inst.started = time.monotonic()
             try:
                 inst.final_state = inst.run.run()

@@ -29,10 +29,14 @@ Every record here is a ``NamedTuple`` (cheap to pickle, readable by name, checke
 
 from __future__ import annotations
 
+import hashlib
+import io
+import pickle
 import reprlib
-from collections import OrderedDict
+import types
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import cloudpickle
 
@@ -51,6 +55,7 @@ __all__ = [
     "UnitOutcome",
     "WorkerDied",
     "decode_error",
+    "dumps",
     "encode_error",
     "short_repr",
 ]
@@ -113,17 +118,27 @@ class Blob:
 
     ``category`` selects the worker-side cache (``"unit"``: tasks, ``"snapshot"``: store
     indexes), each with its own size bound. ``serialise`` returns the bytes sent to a worker
-    (computed once, on first need).
+    (computed once, on first need). Without a ``key``, the key is a hash of those bytes: an
+    object that pickles the same is sent once, one that changed is sent again.
     """
 
-    __slots__ = ("_data", "category", "key", "obj", "serialise")
+    __slots__ = ("_data", "_key", "category", "obj", "serialise")
 
-    def __init__(self, key: str, obj: Any, category: str, serialise: Callable[[], bytes]) -> None:
-        self.key = key
+    def __init__(
+        self, key: str | None, obj: Any, category: str, serialise: Callable[[], bytes]
+    ) -> None:
+        self._key = key
         self.obj = obj
         self.category = category
         self.serialise = serialise
         self._data: bytes | None = None
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            digest = hashlib.blake2b(self.data(), digest_size=12).hexdigest()
+            self._key = f"{self.category[0]}{digest}"
+        return self._key
 
     def data(self) -> bytes:
         if self._data is None:
@@ -131,7 +146,7 @@ class Blob:
         return self._data
 
     def __repr__(self) -> str:
-        return f"Blob({self.key!r}, {self.category})"
+        return f"Blob({self._key!r}, {self.category})"
 
 
 class Call(NamedTuple):
@@ -269,3 +284,28 @@ class BlobCache:
         self.items.move_to_end(key)
         while len(self.items) > self.size:
             self.items.popitem(last=False)
+
+
+def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
+    # cloudpickle names every code object it ships by value "<dynamic-code>" (to make its
+    # payload independent of where a function was defined); a worker's traceback then
+    # cannot show the user's file, line and source. Keep the real file name.
+    rebuild, args = cloudpickle.cloudpickle._code_reduce(code)
+    args = list(args)
+    if len(args) > 10 and args[10] == "<dynamic-code>":
+        args[10] = code.co_filename
+    return rebuild, tuple(args)
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
+        {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
+    )
+
+
+def dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps`` that keeps the file names of code shipped by value, so that
+    tracebacks from a worker show the user's file and line (and source, when readable)."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()

@@ -13,7 +13,16 @@ from typing import Any, Generic, Literal, Self, TypeVar
 
 from ._batch import BatchTask, batch_problems
 from ._durations import limit, seconds
-from ._engine import CANCEL_GRACE, Plan, Quota, Run, StateEntry, is_hashable, make_unit_ref
+from ._engine import (
+    CANCEL_GRACE,
+    Frozen,
+    Plan,
+    Quota,
+    Run,
+    StateEntry,
+    is_hashable,
+    make_unit_ref,
+)
 from ._errors import ConfigError
 from ._executor import Executor, InlineExecutor
 from ._join import JoinConfig
@@ -321,9 +330,10 @@ class Workflow(Generic[S]):
             if self._plan is None or self._plan_version != self._version:
                 table = tuple(dict.fromkeys([*self._order, *self._exits]))
                 entries: dict[Any, StateEntry] = {}
-                for si, (state, reg) in enumerate(self._regs.items()):
+                index = itertools.count()
+                for state, reg in self._regs.items():
                     refs = []
-                    for bi, (unit, cfg) in enumerate(zip(reg.units, reg.configs, strict=True)):
+                    for unit, cfg in zip(reg.units, reg.configs, strict=True):
                         refs.append(
                             make_unit_ref(
                                 unit,
@@ -332,7 +342,7 @@ class Workflow(Generic[S]):
                                 declared_next_states(unit) if reg.join is None else None,
                                 state,
                                 table,
-                                f"u{self._uid}.{self._version}.{si}.{bi}",
+                                next(index),
                                 self.name,
                             )
                         )
@@ -343,16 +353,29 @@ class Workflow(Generic[S]):
             return self._plan
 
     # -- running -------------------------------------------------------------------------
-    def start_run(self, store: SharedStore | None = None, initial_state: S | None = None) -> Run:
+    def freeze(self) -> Frozen:
+        """Validate and freeze the workflow for runs: its plan, and its tasks as they are
+        now (pickled for the workers when first needed; sent again only if they changed).
+        ``start_run`` freezes for each run; ``ConcurrentWorkflow`` once per ``execute``."""
+        return self._get_plan().freeze()
+
+    def start_run(
+        self,
+        store: SharedStore | None = None,
+        initial_state: S | None = None,
+        *,
+        frozen: Frozen | None = None,
+    ) -> Run:
         """A run of this workflow on ``store`` (default: the workflow's own), from
         ``initial_state`` (default: ``start``), validated and ready: ``run.run()`` drives
         it in the calling thread, ``run.cancel()`` stops it from another. The one way
         ``ConcurrentWorkflow`` and ``Scheduler`` start runs."""
         if store is not None and not isinstance(store, SharedStore):
             raise ConfigError(f"store must be a SharedStore, got {store!r}")
-        plan = self._get_plan()
+        if frozen is None:
+            frozen = self.freeze()
         return Run(
-            plan,
+            frozen,
             store if store is not None else self.store,
             self.executor,
             observers=self._observers,

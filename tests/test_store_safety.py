@@ -485,11 +485,13 @@ def test_janitor_keeps_a_live_store_of_another_pid_namespace() -> None:
         proc.stdin.write("go\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "1000000.0"
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0  # unshare -f waits for the namespace's process
     finally:
-        proc.kill()
-        proc.wait()
-    _shm.run_janitor(force=True)
-    assert not os.path.exists(store_dir)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(store_dir)  # it cleaned up after itself at exit
 
 
 # -- SIGTERM cleans up like Ctrl-C ----------------------------------------------------------

@@ -29,12 +29,13 @@ Layers: this package uses the store, the executors, the wire records and the use
 
 from __future__ import annotations
 
-from .plan import Plan, Quota, StateEntry, UnitRef, describe, is_hashable, make_unit_ref
+from .plan import Frozen, Plan, Quota, StateEntry, UnitRef, describe, is_hashable, make_unit_ref
 from .run import Run
 from .scope import CANCEL_GRACE, RunCancelled, RunScope
 
 __all__ = [
     "CANCEL_GRACE",
+    "Frozen",
     "Plan",
     "Quota",
     "Run",

@@ -315,7 +315,9 @@ class BatchState:
                 ) from exc
             self.sizer.observe_bytes(len(ch.items), len(payload))
         first: Any = ch.indices.start if isinstance(ch.indices, range) else ch.indices
-        args = (payload, first, ch.attempt, cfg.timeout, scope.run_id, self.token, not self.inline)
+        index = 0 if self.inline else self.ref.index
+        remote = not self.inline
+        args = (index, payload, first, ch.attempt, cfg.timeout, scope.run_id, self.token, remote)
         ch.submitted = time.monotonic()
         ch.check_at = ch.submitted + cfg.timeout if cfg.timeout is not None else None
         wake, done = scope.wake, self.b.done
@@ -328,11 +330,11 @@ class BatchState:
             # In the driver: the run's own cancellation is the chunk's cancel flag.
             fut: Future[Any] = Future()
             fut.set_result(
-                run_batch_chunk(scope.is_cancelled, None, self.ref.spec, self.snap.data(), *args)
+                run_batch_chunk(scope.is_cancelled, None, (self.ref.spec,), self.snap.data(), *args)
             )
             fut.add_done_callback(finished)
         else:
-            call = Call(run_batch_chunk, (self.ref.blob, self.snap.blob), args)
+            call = Call(run_batch_chunk, (scope.units, self.snap.blob), args)
             holds_quota, ch.quota = ch.quota, False  # submit() releases it, or the future
             fut = submit(
                 scope,

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
 from .._calls import UnitSpec
 from .._join import JoinConfig
 from .._retry import TaskConfig
-from .._wire import Blob, short_repr
+from .._wire import Blob, dumps, short_repr
 
-__all__ = ["Plan", "Quota", "StateEntry", "UnitRef", "describe", "is_hashable", "make_unit_ref"]
+__all__ = [
+    "Frozen",
+    "Plan",
+    "Quota",
+    "StateEntry",
+    "UnitRef",
+    "describe",
+    "is_hashable",
+    "make_unit_ref",
+]
 
 
 @dataclass(eq=False)
@@ -27,7 +35,7 @@ class UnitRef:
     config: TaskConfig
     declared: tuple[Any, ...] | None
     spec: UnitSpec
-    blob: Blob
+    index: int  # in Plan.specs: what a call names the unit by
 
 
 @dataclass(eq=False)
@@ -48,6 +56,27 @@ class Plan:
     entries: dict[Any, StateEntry]
     exits: frozenset[Any]
     table: tuple[Any, ...]
+
+    @property
+    def specs(self) -> tuple[UnitSpec, ...]:
+        """Every unit of the plan, by ``UnitRef.index``."""
+        refs = sorted((r for e in self.entries.values() for r in e.units), key=lambda r: r.index)
+        return tuple(r.spec for r in refs)
+
+    def freeze(self) -> Frozen:
+        """The plan with its units as they are now: pickled (once, when a worker first needs
+        them) into one blob keyed by the hash of its bytes, so a run sees today's code and
+        globals, and workers get the units again only when they changed."""
+        specs = self.specs
+        return Frozen(self, Blob(None, specs, "unit", functools.partial(dumps, specs)))
+
+
+@dataclass(frozen=True, slots=True)
+class Frozen:
+    """A plan and its units as pickled for one run (or one ``ConcurrentWorkflow.execute``)."""
+
+    plan: Plan
+    units: Blob
 
 
 class Quota:
@@ -104,12 +133,8 @@ def make_unit_ref(
     declared: tuple[Any, ...] | None,
     state: Any,
     table: tuple[Any, ...],
-    key: str,
+    index: int,
     workflow: str = "",
 ) -> UnitRef:
     spec = UnitSpec(unit, state, name, table, workflow)
-
-    def serialise() -> bytes:
-        return bytes(cloudpickle.dumps(spec))
-
-    return UnitRef(unit, name, config, declared, spec, Blob(key, spec, "unit", serialise))
+    return UnitRef(unit, name, config, declared, spec, index)

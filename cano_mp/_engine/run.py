@@ -14,7 +14,7 @@ from .._log import get_logger
 from .._observe import Observers, RunInfo
 from .._store import SharedStore, Snapshot
 from .._wire import Blob
-from .plan import Plan, Quota, StateEntry, describe
+from .plan import Frozen, Quota, StateEntry, describe
 from .scope import CANCEL_GRACE, RunScope
 from .task_state import TaskState
 
@@ -34,7 +34,7 @@ class Run:
 
     def __init__(
         self,
-        plan: Plan,
+        frozen: Frozen,
         store: SharedStore,
         executor: Executor,
         *,
@@ -45,7 +45,7 @@ class Run:
         initial: Any = _NO_INITIAL,
     ) -> None:
         self.scope = RunScope(
-            plan,
+            frozen,
             store,
             executor,
             observers=observers,

@@ -16,7 +16,7 @@ from .._errors import CanoError, Terminated, TransitionError, WorkflowTimeout
 from .._executor import Executor, InlineExecutor
 from .._observe import Observers, RunInfo
 from .._store import SharedStore
-from .plan import Plan, Quota, UnitRef, describe
+from .plan import Frozen, Quota, UnitRef, describe
 
 __all__ = ["CANCEL_GRACE", "IN_FLIGHT_PER_WORKER", "RunCancelled", "RunScope", "Traits"]
 
@@ -72,7 +72,7 @@ class RunScope:
 
     def __init__(
         self,
-        plan: Plan,
+        frozen: Frozen,
         store: SharedStore,
         executor: Executor,
         *,
@@ -81,7 +81,8 @@ class RunScope:
         quota: Quota | None,
         cancel_grace: float = CANCEL_GRACE,
     ) -> None:
-        self.plan = plan
+        self.plan = frozen.plan
+        self.units = frozen.units  # every unit of the plan, as pickled for this run
         self.store = store
         self.executor = executor
         self.traits = traits_of(executor)
@@ -90,7 +91,7 @@ class RunScope:
         self.quota = quota
         self.cancel_grace = cancel_grace
         self.run_id = uuid.uuid4().hex[:12]
-        self.info = RunInfo(self.run_id, plan.name)
+        self.info = RunInfo(self.run_id, self.plan.name)
         self.wake = threading.Event()
         self.deadline: float | None = None
         self.cancelled = False

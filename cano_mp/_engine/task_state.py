@@ -153,8 +153,8 @@ class TaskState:
         b.executor = executor
         call = Call(
             run_unit_call,
-            (b.ref.blob, self.snap.blob),
-            (b.attempt, scope.run_id, b.token, not inline and scope.remote),
+            (scope.units, self.snap.blob),
+            (b.ref.index, b.attempt, scope.run_id, b.token, not inline and scope.remote),
             b.deadline,
         )
         self._attempt_starts(b)
@@ -363,8 +363,9 @@ class TaskState:
             out = run_unit_call(
                 scope.is_cancelled,
                 b.deadline,
-                b.ref.spec,
+                (b.ref.spec,),
                 self.snap.data(),
+                0,
                 b.attempt,
                 scope.run_id,
                 b.token,
