@@ -132,6 +132,21 @@ class FunctionTask(Task[S]):
     def __repr__(self) -> str:
         return f"<task {self._name}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # What a worker needs: the function, its name and declared states. The config
+        # (retries, timeout) is the driver's business; leaving it out keeps a plan of 200
+        # states cheap to pickle for every run.
+        return (_function_task, (self.fn, self._name, self.next_states))
+
+
+def _function_task(
+    fn: Callable[[SharedStore], Any], name: str, next_states: tuple[Any, ...] | None
+) -> FunctionTask[Any]:
+    t: FunctionTask[Any] = FunctionTask.__new__(FunctionTask)
+    t.fn, t._name, t.next_states = fn, name, next_states
+    t.config = TaskConfig()
+    return t
+
 
 TaskLike = Task[Any] | Node[Any, Any, Any] | BatchTask[Any, Any, Any] | Callable[..., Any]
 """What ``register()`` accepts: a Task, a Node, a BatchTask or ``fn(store)``

@@ -34,9 +34,9 @@ import io
 import pickle
 import reprlib
 import types
-from collections import ChainMap, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -298,9 +298,10 @@ def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    dispatch_table: ClassVar[ChainMap[Any, Any]] = ChainMap(
-        {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
-    )
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            return _code_reduce_keeping_filename(obj)
+        return super().reducer_override(obj)
 
 
 def dumps(obj: Any) -> bytes:

@@ -140,6 +140,7 @@ class Workflow(Generic[S]):
         self.cancel_grace = grace
         self._uid = next(_uids)
         self._regs: dict[Any, _Registration] = {}
+        self._wrappers: dict[int, Any] = {}  # id(fn) -> its task wrapper (fn kept alive)
         self._order: list[Any] = []
         self._exits: list[Any] = []
         self._version = 0
@@ -169,6 +170,16 @@ class Workflow(Generic[S]):
         self._version += 1
         return self
 
+    def _as_unit(self, task: TaskLike, what: str) -> Any:
+        # One wrapper per bare function: a function registered on 200 states is one task
+        # object, pickled once per run.
+        if isinstance(task, Task | Node | BatchTask) or not callable(task):
+            return as_unit(task, what=what)
+        unit = self._wrappers.get(id(task))
+        if unit is None:
+            unit = self._wrappers[id(task)] = as_unit(task, what=what)
+        return unit
+
     def register(self, state: S, task: TaskLike, *, config: TaskConfig | None = None) -> Self:
         """Run ``task`` (a Task, a Node, a ``@task`` function or ``fn(store)``) in ``state``.
 
@@ -176,7 +187,7 @@ class Workflow(Generic[S]):
         ``register`` or ``register_split``) replaces what it ran.
         """
         self._check_state(state, "register()")
-        unit = as_unit(task, what=f"register({_label(state)})")
+        unit = self._as_unit(task, f"register({_label(state)})")
         if config is not None and not isinstance(config, TaskConfig):
             raise ConfigError(f"config must be a TaskConfig, got {config!r}")
         problems: list[str] = []
@@ -197,7 +208,7 @@ class Workflow(Generic[S]):
         self._check_state(state, "register_split()")
         if not isinstance(join, JoinConfig):
             raise ConfigError(f"join must be a JoinConfig, got {join!r}")
-        units = [as_unit(t, what=f"register_split({_label(state)})") for t in tasks]
+        units = [self._as_unit(t, f"register_split({_label(state)})") for t in tasks]
         for u in units:
             if isinstance(u, BatchTask):
                 raise ConfigError(

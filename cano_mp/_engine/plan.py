@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import pickle
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._calls import UnitSpec
@@ -56,19 +57,58 @@ class Plan:
     entries: dict[Any, StateEntry]
     exits: frozenset[Any]
     table: tuple[Any, ...]
+    _layout: tuple[tuple[UnitSpec, ...], tuple[Any, ...], bytes] | None = field(
+        default=None, init=False, repr=False
+    )
 
-    @property
-    def specs(self) -> tuple[UnitSpec, ...]:
-        """Every unit of the plan, by ``UnitRef.index``."""
-        refs = sorted((r for e in self.entries.values() for r in e.units), key=lambda r: r.index)
-        return tuple(r.spec for r in refs)
+    def _units_layout(self) -> tuple[tuple[UnitSpec, ...], tuple[Any, ...], bytes]:
+        """``(specs by index, the distinct user objects, the pickled rest)``: what does not
+        change between runs (states, names, the state table) is pickled once per plan."""
+        if self._layout is None:
+            refs = sorted(
+                (r for e in self.entries.values() for r in e.units), key=lambda r: r.index
+            )
+            position: dict[int, int] = {}
+            objects: list[Any] = []
+            rows = []
+            for r in refs:
+                pos = position.setdefault(id(r.unit), len(objects))
+                if pos == len(objects):
+                    objects.append(r.unit)
+                rows.append((pos, r.spec.state, r.spec.name))
+            meta = dumps((self.table, self.name, tuple(rows)))
+            self._layout = (tuple(r.spec for r in refs), tuple(objects), meta)
+        return self._layout
 
     def freeze(self) -> Frozen:
-        """The plan with its units as they are now: pickled (once, when a worker first needs
-        them) into one blob keyed by the hash of its bytes, so a run sees today's code and
-        globals, and workers get the units again only when they changed."""
-        specs = self.specs
-        return Frozen(self, Blob(None, specs, "unit", functools.partial(dumps, specs)))
+        """The plan with its units as they are now. Its blob holds the user's task objects,
+        pickled when a worker first needs them (one pickle for all: a function registered
+        on 200 states is pickled once) and keyed by the hash of the bytes: a run sees
+        today's code and globals, and workers get the units again only when they changed."""
+        specs, objects, meta = self._units_layout()
+        return Frozen(self, Blob(None, specs, "unit", functools.partial(_pack, meta, objects)))
+
+
+class _PackedUnits:
+    """The bytes of a plan's units; unpickles (in a worker) into the tuple of ``UnitSpec``."""
+
+    __slots__ = ("meta", "objects")
+
+    def __init__(self, meta: bytes, objects: bytes) -> None:
+        self.meta, self.objects = meta, objects
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpack, (self.meta, self.objects))
+
+
+def _pack(meta: bytes, objects: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(_PackedUnits(meta, dumps(objects)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(meta: bytes, objects: bytes) -> tuple[UnitSpec, ...]:
+    table, workflow, rows = pickle.loads(meta)
+    units = pickle.loads(objects)
+    return tuple(UnitSpec(units[pos], state, name, table, workflow) for pos, state, name in rows)
 
 
 @dataclass(frozen=True, slots=True)
