@@ -20,6 +20,8 @@ def test_etl_demo_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert len(lines) == 65  # header + 64 sensors
     for state in ("GENERATE", "PARSE", "CLEAN", "TRANSFORM", "REPORT"):
         assert state in stdout
+    written = sum(p.stat().st_size for p in tmp_path.glob("sensors_*.csv"))
+    assert 0.85 * 2e6 <= written <= 1.15 * 2e6, written  # --size is what it writes
 
 
 def test_tasks_defined_in_a_scripts_main_run_in_workers(tmp_path: Path) -> None:
@@ -59,3 +61,20 @@ def test_tasks_defined_in_a_scripts_main_run_in_workers(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok 42"
+
+
+def test_the_readme_batch_snippet_runs_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Batches: a parallel map") :]
+    code = section[section.index("```python\n") + 10 :]
+    code = code[: code.index("```\n")]
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        rows = "".join(f"{j},{j * 2}\n" for j in range(10 + i))
+        (tmp_path / "data" / f"f{i}.csv").write_text("a,b\n" + rows)
+    (tmp_path / "snippet.py").write_text(code)
+    out = subprocess.run(
+        [sys.executable, "snippet.py"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "33 rows"
