@@ -35,7 +35,7 @@ import cloudpickle
 from ._batch import BatchTask, ItemFailure, batch_problems, run_batch_chunk
 from ._context import TaskContext, _set_context
 from ._errors import CanoError, ConfigError, TaskError, TaskTimeout, WorkerCrashed
-from ._executor import Call, Executor, WorkerDied
+from ._executors import Call, Executor, WorkerDied, capabilities, progress_reader
 from ._log import get_logger
 from ._progress import progress_bar
 from ._store import Snapshot, TaskStore
@@ -159,21 +159,19 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         _INLINE,
         _describe,
         _tokens,
-        in_flight_per_worker,
     )
 
     inline = cfg.inline or not run._remote
     executor: Executor = _INLINE if inline else run.executor
     remote = not inline
+    caps = capabilities(executor)
     workers = 1 if inline else executor.max_workers
-    in_flight = 1 if inline else workers * in_flight_per_worker(executor)
-    target = getattr(executor, "chunk_seconds", None)
-    if not isinstance(target, float | int) or not target > 0:
-        target = TARGET_CHUNK_SECONDS
+    in_flight = 1 if inline else workers * caps.in_flight_per_worker
+    target = caps.chunk_seconds
     if cap is not None:
         in_flight = min(in_flight, cap)
         workers = min(workers, cap)
-    progress_of = getattr(executor, "progress", None)
+    progress_of = progress_reader(executor)
 
     token = f"t{run.run_id}{next(_tokens)}"
     view = TaskStore(snap.data(), token)  # load() and finish() see the same view
@@ -210,7 +208,7 @@ def run_batch_state(run: Run, entry: StateEntry, snap: Snapshot) -> Any:
         finally:
             _set_context(previous)
         sliceable = type(source) in (list, tuple, range)
-        eager = bool(getattr(executor, "eager_chunks", False))
+        eager = caps.eager_chunks
         sizer = ChunkSizer(fixed, workers, total, in_flight, float(target), eager)
         bar = progress_bar(unit.progress, total, f"{_describe(state)} {name}", "item")
         call_seq = itertools.count()

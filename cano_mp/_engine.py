@@ -8,7 +8,7 @@ For each state the engine takes a snapshot of the store, then drives the state's
                                      |                           \\--retries spent--> failed
                                      \\--the join no longer needs it / timeout / Ctrl-C--> cancelled
 
-A running branch is a call on the executor (see ``_executor``): ``(unit blob, snapshot
+A running branch is a call on the executor (see ``_executors``): ``(unit blob, snapshot
 blob, attempt, deadline, run id, token)``. Its future's done-callback wakes this loop,
 which otherwise sleeps until the nearest deadline (attempt timeout, retry time, join
 timeout, workflow timeout). Nothing waits without a deadline on a future.
@@ -50,7 +50,7 @@ from ._errors import (
     WorkerCrashed,
     WorkflowTimeout,
 )
-from ._executor import Blob, Call, Executor, InlineExecutor, WorkerDied
+from ._executors import Blob, Call, Executor, InlineExecutor, WorkerDied, capabilities
 from ._join import JoinConfig, SplitResult, decide
 from ._log import get_logger
 from ._observe import Observers, RunInfo
@@ -67,10 +67,6 @@ log = get_logger("cano_mp.engine")
 # return before its worker is killed. Longer lets more tasks stop cleanly (their worker
 # survives, no respawn); shorter frees the slot sooner.
 CANCEL_GRACE = 0.25
-
-# Calls kept in flight per pool worker for one state: 2 hides the driver's dispatch
-# latency behind the running call; more only queues calls where their timeouts tick.
-IN_FLIGHT_PER_WORKER = 2
 
 _INLINE = InlineExecutor()
 _tokens = itertools.count(1)
@@ -207,7 +203,7 @@ class Run:
         self._cancel_error: type[CanoError] = RunCancelled
         self._cancel_grace_on_cancel = cancel_grace
         self._deadline: float | None = None
-        self._remote = not isinstance(executor, InlineExecutor)
+        self._remote = capabilities(executor).remote
         self.state: Any = None
 
     def cancel(self, grace: float | None = None) -> None:
@@ -353,7 +349,7 @@ class Run:
         # Calls beyond what the pool can run only wait in its queue, where they cannot be
         # cancelled cheaply and where their timeouts would already be ticking: keep two per
         # worker in flight (enough to hide the dispatch round trip).
-        limit = float(self.executor.max_workers * in_flight_per_worker(self.executor))
+        limit = float(self.executor.max_workers * capabilities(self.executor).in_flight_per_worker)
         if join is not None and join.max_parallel:
             limit = min(limit, join.max_parallel)
         timed_out = False
@@ -597,7 +593,7 @@ class Run:
                 self._timing(entry, b, out)
             if out.failure is None:
                 if (
-                    isinstance(b.executor, InlineExecutor)
+                    not capabilities(b.executor).remote
                     and b.deadline is not None
                     and (time.monotonic() > b.deadline)
                 ):
@@ -753,13 +749,6 @@ class Run:
         )
         final.__cause__ = error
         b.error = final
-
-
-def in_flight_per_worker(executor: Any) -> int:
-    """Calls to keep in flight per worker: an executor may say (``in_flight_per_worker``,
-    an optional hint of the Executor protocol; high-latency backends want more)."""
-    hint = getattr(executor, "in_flight_per_worker", None)
-    return hint if isinstance(hint, int) and hint >= 1 else IN_FLIGHT_PER_WORKER
 
 
 def _dumps(data: Any) -> bytes:

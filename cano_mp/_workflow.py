@@ -15,11 +15,10 @@ from ._batch import BatchTask, batch_problems
 from ._durations import limit, seconds
 from ._engine import CANCEL_GRACE, Plan, Quota, Run, StateEntry, is_hashable, make_unit_ref
 from ._errors import ConfigError
-from ._executor import Executor, InlineExecutor
+from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
-from ._process import ProcessExecutor
 from ._retry import TaskConfig
 from ._store import SharedStore
 from ._task import (
