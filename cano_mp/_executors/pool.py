@@ -53,7 +53,6 @@ from .._wire import (
     LogMessage,
     NewBlob,
     Returned,
-    RunCall,
     Stop,
     WorkerDied,
     from_wire,
@@ -234,7 +233,9 @@ class Pool:
             keys.append((blob.key, blob.category))
         level = logging.root.getEffectiveLevel()
         call = job.call
-        return tuple(RunCall("call", job.seq, call.fn, new, keys, call.args, call.deadline, level))
+        # A RunCall, built as the plain tuple it travels as (once per call: no record
+        # constructed only to be taken apart again); field order as in _wire.RunCall.
+        return ("call", job.seq, call.fn, new, keys, call.args, call.deadline, level)
 
     def _send(self, slot: _Slot, job: PoolJob) -> None:
         try:

@@ -17,11 +17,13 @@ from typing import Any
 import cloudpickle
 
 from .. import _shm
-from .._wire import BlobCache, InitFailed, Raised, Returned, RunCall, from_wire
+from .._wire import BlobCache, InitFailed, Raised, RunCall
 from .flags import SLOT_BYTES, CallControl
 from .logs import ForwardLogs
 
 __all__ = ["worker_main"]
+
+_tuple_new = tuple.__new__
 
 
 class _BadBlob:
@@ -104,11 +106,13 @@ def _serve(conn: Connection, control: CallControl) -> None:
     root.addHandler(ForwardLogs(send, control))
     while True:
         try:
-            msg = from_wire(recv())
+            raw = recv()
         except (EOFError, OSError):
             return
-        if not isinstance(msg, RunCall):
+        if raw[0] != "call":
             return  # Stop
+        msg: RunCall = _tuple_new(RunCall, raw)  # from_wire, less the look-up
+        del raw
         if root.level != msg.log_level:
             root.setLevel(msg.log_level)
         for key, category, data in msg.new_blobs:
@@ -123,21 +127,27 @@ def _serve(conn: Connection, control: CallControl) -> None:
         try:
             reply = _run(msg, control, objs)
         except BaseException:
-            reply = Raised("raised", seq, traceback.format_exc())
+            reply = _raised(seq, traceback.format_exc())
         control.end()
         del msg, objs  # hold no call's arguments while waiting for the next one
         try:
-            send(tuple(reply))
+            send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             text = f"the call's result could not be sent back: {exc}"
-            send(tuple(Raised("raised", seq, text)))
+            send(_raised(seq, text))
         except (BrokenPipeError, OSError):
             return
         del reply
 
 
-def _run(msg: RunCall, control: CallControl, objs: list[Any]) -> Returned | Raised:
+def _run(msg: RunCall, control: CallControl, objs: list[Any]) -> tuple[Any, ...]:
+    """The reply to ``msg``: a Returned, built as the plain tuple it travels as (the one
+    message every call sends: no record constructed only to be taken apart again)."""
     bad = next((o for o in objs if isinstance(o, _BadBlob)), None)
     if bad is not None:
-        return Raised("raised", msg.seq, f"could not load {bad.key} in the worker: {bad.error}")
-    return Returned("returned", msg.seq, msg.fn(control, msg.deadline, *objs, *msg.args))
+        return _raised(msg.seq, f"could not load {bad.key} in the worker: {bad.error}")
+    return ("returned", msg.seq, msg.fn(control, msg.deadline, *objs, *msg.args))
+
+
+def _raised(seq: int, text: str) -> tuple[Any, ...]:
+    return tuple(Raised("raised", seq, text))
