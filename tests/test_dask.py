@@ -325,6 +325,16 @@ def test_a_call_whose_inputs_are_lost_while_it_waits_is_sent_again(
     assert store["sum"] == 100_000.0
 
 
+def test_the_dask_executor_declares_what_it_can_do(executor: DaskExecutor) -> None:
+    from cano_mp._executors import Capabilities, capabilities, progress_reader
+
+    assert capabilities(executor) == Capabilities(
+        in_flight_per_worker=8, chunk_seconds=1.0, eager_chunks=True
+    )
+    assert progress_reader(executor) is None  # a chunk is timed as a whole
+    assert DaskExecutor.__module__ == "cano_mp.dask"
+
+
 # -- worker loss ----------------------------------------------------------------------------------
 
 

@@ -144,6 +144,21 @@ class DaskExecutor(ExecutorBase):
         return self._control.threads()
 
     @property
+    def in_flight_per_worker(self) -> int:
+        """Calls the engine keeps in flight per worker thread (``capabilities``)."""
+        return self.capabilities.in_flight_per_worker
+
+    @property
+    def chunk_seconds(self) -> float:
+        """Seconds of work an automatic BatchTask chunk aims at (``capabilities``)."""
+        return self.capabilities.chunk_seconds
+
+    @property
+    def eager_chunks(self) -> bool:
+        """Always True: BatchTask chunks start balanced (``capabilities``)."""
+        return self.capabilities.eager_chunks
+
+    @property
     def client(self) -> Client:
         """The ``distributed.Client`` the calls go through."""
         client: Client = self._client
