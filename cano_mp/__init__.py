@@ -24,10 +24,9 @@ from ._errors import (
     WorkerCrashed,
     WorkflowTimeout,
 )
-from ._executor import Executor, InlineExecutor
+from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
-from ._process import ProcessExecutor
 from ._retry import RetryPolicy, TaskConfig
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task

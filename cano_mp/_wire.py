@@ -25,6 +25,11 @@ Every record here is a ``NamedTuple`` (cheap to pickle, readable by name, checke
   its formatted traceback; :func:`decode_error` rebuilds it in the driver and attaches the
   remote traceback as a note. An exception whose class cannot be rebuilt here becomes a
   :class:`RemoteError` that keeps the original type name and message.
+- :class:`BlobCache` — the LRU of blobs by key that a local pool worker and a Dask worker
+  process keep (and the local pool's driver mirrors), sized by :data:`BLOB_CACHE_SIZES`.
+- The local pool's pipe messages: :class:`RunCall` and :class:`Stop` to a worker;
+  :class:`Returned`, :class:`Raised`, :class:`InitFailed` and :class:`LogMessage` back
+  (see ``cano_mp._worker``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import reprlib
 import types
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import cloudpickle
 
@@ -44,19 +49,31 @@ from ._errors import TaskError
 
 __all__ = [
     "CANCELLED",
+    "BLOB_CACHE_SIZES",
     "Blob",
     "BlobCache",
+    "BlobKey",
     "Call",
     "ChunkOutcome",
+    "DriverMessage",
+    "InitFailed",
     "ItemFailed",
+    "LogMessage",
+    "NewBlob",
+    "Raised",
     "RemoteError",
+    "Returned",
+    "RunCall",
+    "Stop",
     "TaskFailure",
     "Timing",
     "UnitOutcome",
     "WorkerDied",
+    "WorkerMessage",
     "decode_error",
     "dumps",
     "encode_error",
+    "from_wire",
     "short_repr",
 ]
 
@@ -264,26 +281,55 @@ def _is_task_error(exc: BaseException) -> bool:
     )
 
 
+# Per blob category: how many blobs a worker keeps (the local pool's workers and a Dask
+# worker process alike). Units (tasks) are small and reused across runs; snapshots are per
+# store version and rarely reused after the next commit.
+BLOB_CACHE_SIZES = {"unit": 1024, "snapshot": 16}
+
+
 class BlobCache:
-    """A bounded LRU of blobs by key: the worker keeps the objects; the driver mirrors the
-    keys (same sizes, same order of use) to know what a worker holds without asking."""
+    """A bounded LRU of blobs by key.
+
+    A worker keeps the objects; the local pool's driver mirrors each worker's keys (same
+    sizes, same order of use) to know what it holds without asking; the Dask executor keeps
+    the Dask futures of what it scattered. Not thread-safe: callers that share one lock it.
+    """
+
+    __slots__ = ("items", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.items: OrderedDict[str, Any] = OrderedDict()
 
+    @classmethod
+    def per_category(cls) -> dict[str, BlobCache]:
+        """One empty cache per blob category, sized by :data:`BLOB_CACHE_SIZES`."""
+        return {category: cls(size) for category, size in BLOB_CACHE_SIZES.items()}
+
     def __contains__(self, key: str) -> bool:
         return key in self.items
 
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, key: str) -> Any:
+        """The value under ``key`` (``None`` if absent), without marking it used."""
+        return self.items.get(key)
+
     def touch(self, key: str) -> Any:
+        """Mark ``key`` used; return its value."""
         self.items.move_to_end(key)
         return self.items[key]
 
     def add(self, key: str, value: Any) -> None:
+        """Store ``value`` as the most recently used; evict the least recently used."""
         self.items[key] = value
         self.items.move_to_end(key)
         while len(self.items) > self.size:
             self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        self.items.clear()
 
 
 def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
@@ -310,3 +356,98 @@ def dumps(obj: Any) -> bytes:
     buf = io.BytesIO()
     _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
+
+
+# -- the local pool's pipe --------------------------------------------------------------------
+# One worker per duplex pipe, FIFO both ways (see cano_mp._worker). Each message is a
+# NamedTuple whose first field, ``kind``, names it; it travels as a plain tuple
+# (``tuple(msg)``) and the receiver rebuilds the record with :func:`from_wire`. A class
+# reference in each pickled message would cost ~2 µs to write and ~1.5 µs to read (measured
+# on CPython 3.11), on a call whose whole pipe round trip is ~16-30 µs.
+
+NewBlob = tuple[str, str, bytes]
+"""A blob a worker does not hold yet: ``(key, category, pickled object)``."""
+BlobKey = tuple[str, str]
+"""Which cached blob a call takes: ``(key, category)``."""
+
+
+class RunCall(NamedTuple):
+    """Driver to worker: run ``fn(control, deadline, *blob objects, *args)``.
+
+    ``new_blobs`` are unpickled and cached first; ``keys`` name every blob the call takes,
+    in order. ``log_level`` is the driver's root level (the worker forwards records at or
+    above it).
+    """
+
+    kind: Literal["call"]
+    seq: int
+    fn: Callable[..., Any]
+    new_blobs: list[NewBlob]
+    keys: list[BlobKey]
+    args: tuple[Any, ...]
+    deadline: float | None
+    log_level: int
+
+
+class Stop(NamedTuple):
+    """Driver to worker: exit."""
+
+    kind: Literal["stop"]
+
+
+class Returned(NamedTuple):
+    """Worker to driver: call ``seq`` returned ``result``."""
+
+    kind: Literal["returned"]
+    seq: int
+    result: Any
+
+
+class Raised(NamedTuple):
+    """Worker to driver: call ``seq`` could not run or its result not be sent; ``text`` says
+    why (a formatted traceback). A task's own exception travels inside its outcome."""
+
+    kind: Literal["raised"]
+    seq: int
+    text: str
+
+
+class InitFailed(NamedTuple):
+    """Worker to driver: the pool's initializer raised (``text``: its traceback); the worker
+    exits."""
+
+    kind: Literal["init_failed"]
+    text: str
+
+
+class LogMessage(NamedTuple):
+    """Worker to driver: a log record a task emitted while call ``seq`` ran.
+
+    ``record`` is the ``LogRecord``'s attributes, message formatted and exception text
+    rendered (as ``logging.handlers.SocketHandler`` ships a record); ``tags`` say which run,
+    state, task, attempt (and batch item) it came from.
+    """
+
+    kind: Literal["log"]
+    seq: int
+    record: dict[str, Any]
+    tags: dict[str, Any]
+
+
+WorkerMessage = Returned | Raised | InitFailed | LogMessage
+DriverMessage = RunCall | Stop
+
+_KINDS: dict[str, Any] = {
+    "call": RunCall,
+    "stop": Stop,
+    "returned": Returned,
+    "raised": Raised,
+    "init_failed": InitFailed,
+    "log": LogMessage,
+}
+
+
+def from_wire(raw: tuple[Any, ...]) -> DriverMessage | WorkerMessage:
+    """The message record a plain tuple off the pipe stands for (its first field says which)."""
+    message: DriverMessage | WorkerMessage = tuple.__new__(_KINDS[raw[0]], raw)
+    return message

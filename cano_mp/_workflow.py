@@ -24,11 +24,10 @@ from ._engine import (
     make_unit_ref,
 )
 from ._errors import ConfigError
-from ._executor import Executor, InlineExecutor
+from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
-from ._process import ProcessExecutor
 from ._retry import TaskConfig
 from ._store import SharedStore
 from ._task import (

@@ -70,7 +70,7 @@ from cano_mp import (
     Workflow,
     task_context,
 )
-from cano_mp._process import shutdown_shared_pools
+from cano_mp._executors import shutdown_shared_pools
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024

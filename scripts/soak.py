@@ -62,7 +62,7 @@ from cano_mp import (
     _shm,
     task,
 )
-from cano_mp._executor import Call, WorkerDied
+from cano_mp._wire import Call, WorkerDied
 
 RETRY = TaskConfig(retry=RetryPolicy.exponential(5, base_delay=0.05))
 

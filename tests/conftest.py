@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from cano_mp import InlineExecutor, ProcessExecutor, SharedStore, _shm
-from cano_mp._process import shutdown_shared_pools
+from cano_mp._executors import shutdown_shared_pools
 
 
 @pytest.fixture(scope="session")

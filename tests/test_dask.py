@@ -115,9 +115,9 @@ def _wait_for_workers(client: Any, n: int, timeout: float = 30.0) -> None:
 
 
 def _calls_running() -> int:
-    from cano_mp import dask
+    from cano_mp._dask import remote
 
-    return len(dask._running)
+    return len(remote.running)
 
 
 def _wait_until_idle(client: Any, timeout: float = 30.0) -> None:
@@ -314,7 +314,7 @@ def test_a_call_whose_inputs_are_lost_while_it_waits_is_sent_again(
 
     def lose_inputs() -> None:
         time.sleep(0.4)  # the call runs, holding its inputs
-        dask_client.cancel(list(executor._segments.values()))  # as if their worker died
+        dask_client.cancel(list(executor._shipper._segments.values()))  # as if their worker died
 
     thread = threading.Thread(target=lose_inputs)
     thread.start()
@@ -323,6 +323,16 @@ def test_a_call_whose_inputs_are_lost_while_it_waits_is_sent_again(
     finally:
         thread.join()
     assert store["sum"] == 100_000.0
+
+
+def test_the_dask_executor_declares_what_it_can_do(executor: DaskExecutor) -> None:
+    from cano_mp._executors import Capabilities, capabilities, progress_reader
+
+    assert capabilities(executor) == Capabilities(
+        in_flight_per_worker=8, chunk_seconds=1.0, eager_chunks=True
+    )
+    assert progress_reader(executor) is None  # a chunk is timed as a whole
+    assert DaskExecutor.__module__ == "cano_mp.dask"
 
 
 # -- worker loss ----------------------------------------------------------------------------------

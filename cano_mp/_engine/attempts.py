@@ -33,7 +33,7 @@ from .._errors import (
     TransitionError,
     WorkerCrashed,
 )
-from .._executor import Executor
+from .._executors import Executor
 from .._log import get_logger
 from .._retry import TaskConfig
 from .._wire import Call, WorkerDied

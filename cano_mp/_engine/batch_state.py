@@ -38,7 +38,7 @@ from .._batch import BatchTask, ItemFailure, batch_problems
 from .._calls import run_batch_chunk
 from .._context import TaskContext, _set_context
 from .._errors import ConfigError, TaskError
-from .._executor import Executor
+from .._executors import Executor
 from .._log import get_logger
 from .._progress import progress_bar
 from .._store import Snapshot, TaskStore
@@ -106,14 +106,14 @@ class BatchState:
             raise ConfigError("; ".join(problems))
         self.inline = self.cfg.inline or not scope.remote
         self.executor: Executor = _INLINE if self.inline else scope.executor
-        traits = scope.traits
+        caps = scope.caps
         workers = 1 if self.inline else self.executor.max_workers
-        self.in_flight = 1 if self.inline else workers * traits.in_flight_per_worker
+        self.in_flight = 1 if self.inline else workers * caps.in_flight_per_worker
         cap = self.unit.max_parallel
         if cap is not None:
             self.in_flight, workers = min(self.in_flight, cap), min(workers, cap)
         self.workers = workers
-        self.progress_of = None if self.inline else traits.progress
+        self.progress_of = None if self.inline else scope.progress
         self.token = scope.new_token()
         self.view = TaskStore(snap.data(), self.token)  # load() and finish() see one view
         self.ctx = TaskContext(scope.run_id, self.state, 1, None, scope.is_cancelled)
@@ -174,14 +174,14 @@ class BatchState:
         finally:
             _set_context(previous)
         self.sliceable = type(self.source) in (list, tuple, range)
-        traits = self.scope.traits
+        caps = self.scope.caps
         self.sizer = ChunkSizer(
             self.unit.chunk_size,
             self.workers,
             total,
             self.in_flight,
-            traits.chunk_seconds,
-            traits.eager_chunks,
+            caps.chunk_seconds,
+            caps.eager_chunks,
         )
         self.bar = progress_bar(
             self.unit.progress, total, f"{describe(self.state)} {self.name}", "item"

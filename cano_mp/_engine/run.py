@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from .. import _signals
-from .._executor import Executor
+from .._executors import Executor
 from .._log import get_logger
 from .._observe import Observers, RunInfo
 from .._store import SharedStore, Snapshot

@@ -7,64 +7,26 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 from .._errors import CanoError, Terminated, TransitionError, WorkflowTimeout
-from .._executor import Executor, InlineExecutor
+from .._executors import Executor, capabilities, progress_reader
 from .._observe import Observers, RunInfo
 from .._store import SharedStore
 from .plan import Frozen, Quota, UnitRef, describe
 
-__all__ = ["CANCEL_GRACE", "IN_FLIGHT_PER_WORKER", "RunCancelled", "RunScope", "Traits"]
+__all__ = ["CANCEL_GRACE", "RunCancelled", "RunScope"]
 
 # Seconds a cancelled or timed-out call gets to notice task_context().cancelled() and
 # return before its worker is killed. Longer lets more tasks stop cleanly (their worker
 # survives, no respawn); shorter frees the slot sooner.
 CANCEL_GRACE = 0.25
 
-# Calls kept in flight per pool worker for one state: 2 hides the driver's dispatch
-# latency behind the running call; more only queues calls where their timeouts tick.
-IN_FLIGHT_PER_WORKER = 2
-
-# The work an automatic BatchTask chunk aims at (seconds), unless the executor says.
-CHUNK_SECONDS = 0.1
-
 _tokens = itertools.count(1)
 
 
 class RunCancelled(CanoError):
     """The run was cancelled from outside (ConcurrentWorkflow, asyncio cancellation)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Traits:
-    """What the engine needs to know about an executor, read once per run."""
-
-    remote: bool  # calls run in other processes (False: inline, in the driver)
-    in_flight_per_worker: int
-    chunk_seconds: float
-    eager_chunks: bool
-    progress: Callable[[Future[Any]], tuple[int, float] | None] | None
-
-
-def traits_of(executor: Executor) -> Traits:
-    """The executor's optional capabilities, with the defaults of the Executor protocol."""
-    in_flight = getattr(executor, "in_flight_per_worker", None)
-    chunk = getattr(executor, "chunk_seconds", None)
-    return Traits(
-        remote=not isinstance(executor, InlineExecutor),
-        in_flight_per_worker=in_flight
-        if isinstance(in_flight, int) and in_flight >= 1
-        else IN_FLIGHT_PER_WORKER,
-        chunk_seconds=float(chunk)
-        if isinstance(chunk, float | int) and chunk > 0
-        else CHUNK_SECONDS,
-        eager_chunks=bool(getattr(executor, "eager_chunks", False)),
-        progress=getattr(executor, "progress", None),
-    )
 
 
 class RunScope:
@@ -85,7 +47,8 @@ class RunScope:
         self.units = frozen.units  # every unit of the plan, as pickled for this run
         self.store = store
         self.executor = executor
-        self.traits = traits_of(executor)
+        self.caps = capabilities(executor)
+        self.progress = progress_reader(executor)  # which item a chunk is on, if it can tell
         self.observers = observers
         self.timeout = timeout
         self.quota = quota
@@ -100,7 +63,7 @@ class RunScope:
 
     @property
     def remote(self) -> bool:
-        return self.traits.remote
+        return self.caps.remote
 
     def cancel(self, grace: float | None = None) -> None:
         """Stop the run from another thread: it raises :class:`RunCancelled`.

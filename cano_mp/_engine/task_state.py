@@ -25,7 +25,7 @@ from typing import Any
 
 from .._calls import run_unit_call
 from .._errors import TaskCancelled, TaskError
-from .._executor import Executor, InlineExecutor
+from .._executors import Executor, InlineExecutor
 from .._join import JoinError, SplitResult, decide
 from .._log import get_logger
 from .._store import Snapshot
@@ -88,7 +88,7 @@ class TaskState:
             join_deadline = time.monotonic() + join.timeout
         # Calls beyond what the pool can run only wait in its queue, where they cannot be
         # cancelled cheaply and where their timeouts would already be ticking.
-        limit = float(scope.executor.max_workers * scope.traits.in_flight_per_worker)
+        limit = float(scope.executor.max_workers * scope.caps.in_flight_per_worker)
         if join is not None and join.max_parallel:
             limit = min(limit, join.max_parallel)
         try:

@@ -1,31 +1,22 @@
-"""ProcessExecutor: a pool of loky worker processes, one pipe and one call per slot.
+"""The local pool's manager: one thread that owns every worker process and pipe.
 
 ::
 
     submitting threads                      manager thread                 worker processes
     ------------------                      --------------                 ----------------
-    submit(call) --idle slot?--> send ("call", seq, ...) on the slot's pipe ----> run fn
+    submit(call) --idle slot?--> send RunCall(seq, ...) on the slot's pipe -----> run fn
           |                                                                          |
-          +--no--> pending queue   <--- wait(pipes, sentinels, wake pipe) <--- ("ok", seq, r)
+          +--no--> pending queue   <--- wait(pipes, sentinels, wake pipe) <--- Returned(seq, r)
                                         resolve the future; send the next pending call
                                         to the slot; spawn / reap / kill slots
 
 Each slot is one loky process (started with loky's fork+exec context, so it is a fresh
-interpreter: no fork-safety issues, cloudpickle for user code) with its own duplex pipe.
-Because the driver knows which call runs in which process:
-
-- a worker that dies (segfault, ``os._exit``, SIGKILL, OOM kill) fails only its own call
-  (``WorkerDied``); other calls are untouched and the slot is respawned on demand;
-- cancelling a call (timeout, a join that no longer needs it, KeyboardInterrupt) sets its
-  cooperative flag, then kills that process tree after a grace period, and nothing else.
-
-Why not one shared ``loky.ProcessPoolExecutor``: when one of its workers dies, loky fails
-*every* pending and running future and restarts all workers, and it cannot cancel one
-running call (loky#176). A pool of one-worker loky executors isolates deaths but pays
-loky's queue threads and ~0.3-0.5 ms of dispatch per call. A raw pipe ping-pong to a
-loky process costs ~16-30 µs; a whole workflow transition over these pipes (store snapshot,
-task, commit) measures ~116 µs against loky's 276 µs ``submit().result()``
-(``scripts/bench.py chain``), with per-call isolation kept.
+interpreter: no fork-safety issues, cloudpickle for user code) with its own duplex pipe and
+one call at a time. Because the manager knows which call runs in which process, a worker
+that dies fails only its own call (``WorkerDied``), and cancelling a call (its cooperative
+flag in the flags file, then, after the grace period, a kill of that worker's process
+group) touches nothing else. A slot's blob caches are mirrored here key for key, so a call
+carries a blob's bytes only the first time its worker needs it.
 
 Spawning happens on the manager thread only: workers ask the kernel to kill them when the
 thread that started them exits (PR_SET_PDEATHSIG), so that thread must live as long as the
@@ -34,18 +25,14 @@ pool does.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
-import mmap
 import os
 import secrets
 import shutil
 import signal
-import struct
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -53,88 +40,41 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from loky import cpu_count
 from loky.backend.context import get_context
 
-from . import _shm
-from ._errors import CanoError, ConfigError
-from ._executor import CANCELLED, Call, WorkerDied
-from ._log import get_logger
-from ._worker import (
-    CACHE_SIZES,
-    CANCEL,
-    LRU,
-    POSITION,
-    PROGRESS_SEQ,
-    SLOT_BYTES,
-    STARTED,
-    worker_main,
+from .. import _shm
+from .._errors import CanoError
+from .._log import get_logger
+from .._wire import (
+    CANCELLED,
+    BlobCache,
+    Call,
+    InitFailed,
+    LogMessage,
+    NewBlob,
+    Returned,
+    Stop,
+    WorkerDied,
+    from_wire,
 )
+from .._worker.flags import SLOT_BYTES, read_progress, request_cancel, reset_slot
+from .._worker.logs import emit_remote
+from .._worker.loop import worker_main
+from .base import Job, JobFuture
 
-__all__ = ["ProcessExecutor", "default_workers", "shutdown_shared_pools"]
+__all__ = ["Pool", "PoolJob"]
 
 log = get_logger("cano_mp.executor")
 
-# How long close() waits for workers to exit after ("stop",) before killing them.
+# How long close() waits for workers to exit after Stop before killing them.
 STOP_GRACE = 1.0
 
 
-def _read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] | None:
-    # The worker writes an item's start before its position, and resets both before it
-    # writes a new call's seq. Read seq, position, start, then seq again (a seqlock): a
-    # pair from two different calls, or a half-written one, is never returned.
-    base = SLOT_BYTES * index
-    if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
-        return None
-    position = struct.unpack_from("q", flags, base + POSITION)[0]
-    started = struct.unpack_from("q", flags, base + STARTED)[0]
-    if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
-        return None
-    if position < 0:
-        return None
-    return int(position), started / 1e9
+@dataclass(eq=False, slots=True)
+class PoolJob(Job):
+    """A call on the local pool; ``slot`` is where it runs (``None``: still pending)."""
 
-
-def _emit_remote(payload: dict[str, Any]) -> None:
-    """Hand a task's log record from a worker to the driver's logger of the same name."""
-    try:
-        logger = logging.getLogger(payload["name"])
-        if not logger.isEnabledFor(payload["levelno"]):
-            return
-        tags = payload.pop("cano_tags", {}) or {}
-        record = logging.makeLogRecord(payload)
-        record.args = None
-        item = f" item {tags['item']}," if tags.get("item") is not None else ""
-        record.msg = (
-            f"[{tags.get('task')} of {tags.get('state')},{item} attempt {tags.get('attempt')}, "
-            f"worker {payload.get('process')}] {payload['msg']}"
-        )
-        for k, v in tags.items():
-            setattr(record, k, v)
-        record.worker_pid = payload.get("process")
-        logger.handle(record)
-    except Exception:  # a log record must never break the pool
-        log.debug("could not re-emit a worker's log record", exc_info=True)
-
-
-def _job_of(fut: Future[Any]) -> _Job | None:
-    ref: weakref.ref[_Job] | None = getattr(fut, "_cano_job", None)
-    return ref() if ref is not None else None
-
-
-def default_workers() -> int:
-    """Usable CPUs: loky's count honours affinity masks and cgroup CPU quotas."""
-    return max(1, int(cpu_count()))
-
-
-@dataclass(eq=False, slots=True, weakref_slot=True)
-class _Job:
-    call: Call
-    future: Future[Any]
-    seq: int
     slot: _Slot | None = None
-    cancelled: bool = False
-    kill_at: float | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -142,10 +82,8 @@ class _Slot:
     index: int
     process: Any
     conn: Connection
-    caches: dict[str, LRU] = field(
-        default_factory=lambda: {cat: LRU(size) for cat, size in CACHE_SIZES.items()}
-    )
-    job: _Job | None = None
+    caches: dict[str, BlobCache] = field(default_factory=BlobCache.per_category)
+    job: PoolJob | None = None
     dead: bool = False
 
     @property
@@ -153,7 +91,9 @@ class _Slot:
         return int(self.process.pid)
 
 
-class _Pool:
+class Pool:
+    """The pool of worker processes behind one or more ``ProcessExecutor`` objects."""
+
     def __init__(
         self,
         max_workers: int,
@@ -169,7 +109,7 @@ class _Pool:
         self._seq = itertools.count(1)
         self._slots: list[_Slot | None] = [None] * max_workers
         self._idle: deque[_Slot] = deque()
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[PoolJob] = deque()
         self._spawning = 0
         self._closed = False
         self._broken: str | None = None
@@ -188,15 +128,12 @@ class _Pool:
     def submit(self, call: Call) -> Future[Any]:
         for blob in call.blobs:
             blob.data()  # serialise before taking a slot: a failure stays the caller's
-        fut: Future[Any] = Future()
-        job = _Job(call, fut, next(self._seq))
-        # Weakly: a finished job is dropped by the pool, and a cycle future <-> job would
-        # keep the call's arguments alive until the cyclic garbage collector runs.
-        fut._cano_job = weakref.ref(job)  # type: ignore[attr-defined]
+        job = PoolJob(call, JobFuture(), next(self._seq))
         with self._lock:
-            if self._closed:
-                raise CanoError("this ProcessExecutor is closed")
-            if self._broken is not None:
+            if self._closed or self._broken is not None:
+                job.future.job = None  # never accepted: leave no cycle behind
+                if self._closed:
+                    raise CanoError("this ProcessExecutor is closed")
                 raise CanoError(f"the worker initializer failed:\n{self._broken}")
             slot = self._idle.pop() if self._idle else None
             if slot is not None:
@@ -206,11 +143,11 @@ class _Pool:
                 self._wake()
         if slot is not None:
             self._send(slot, job)
-        return fut
+        return job.future
 
     def cancel(self, fut: Future[Any], grace: float) -> None:
-        job = _job_of(fut)
-        if job is None or fut.done():
+        job = Job.of(fut)
+        if not isinstance(job, PoolJob) or fut.done():
             return
         with self._lock:
             if job.slot is None:
@@ -223,17 +160,17 @@ class _Pool:
             if job.cancelled:
                 return
             job.cancelled = True
-            struct.pack_into("q", self._flags, SLOT_BYTES * job.slot.index + CANCEL, job.seq)
-            job.kill_at = time.monotonic() + max(0.0, grace)
+            request_cancel(self._flags, job.slot.index, job.seq)
+            job.stop_at = time.monotonic() + max(0.0, grace)
             self._wake()
 
     def progress(self, fut: Future[Any]) -> tuple[int, float] | None:
         """``(position, started)`` of the item a running call reports working on."""
-        job = _job_of(fut)
-        slot = job.slot if job is not None else None
+        job = Job.of(fut)
+        slot = job.slot if isinstance(job, PoolJob) else None
         if job is None or slot is None or fut.done():
             return None
-        return _read_progress(self._flags, slot.index, job.seq)
+        return read_progress(self._flags, slot.index, job.seq)
 
     def warm(self, n: int | None = None) -> None:
         """Start workers now instead of on first use."""
@@ -241,6 +178,10 @@ class _Pool:
             live = sum(1 for s in self._slots if s is not None) + self._spawning
             self._want_extra = max(0, min(n or self.max_workers, self.max_workers) - live)
             self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -275,12 +216,12 @@ class _Pool:
         except BlockingIOError:
             pass  # already awake
 
-    def _claim(self, slot: _Slot, job: _Job) -> None:
+    def _claim(self, slot: _Slot, job: PoolJob) -> None:
         slot.job = job
         job.slot = slot
 
-    def _message(self, slot: _Slot, job: _Job) -> tuple[Any, ...]:
-        new = []
+    def _message(self, slot: _Slot, job: PoolJob) -> tuple[Any, ...]:
+        new: list[NewBlob] = []
         keys = []
         for blob in job.call.blobs:
             cache = slot.caches[blob.category]
@@ -292,9 +233,11 @@ class _Pool:
             keys.append((blob.key, blob.category))
         level = logging.root.getEffectiveLevel()
         call = job.call
+        # A RunCall, built as the plain tuple it travels as (once per call: no record
+        # constructed only to be taken apart again); field order as in _wire.RunCall.
         return ("call", job.seq, call.fn, new, keys, call.args, call.deadline, level)
 
-    def _send(self, slot: _Slot, job: _Job) -> None:
+    def _send(self, slot: _Slot, job: PoolJob) -> None:
         try:
             slot.conn.send(self._message(slot, job))
         except (OSError, ValueError) as exc:
@@ -303,7 +246,7 @@ class _Pool:
 
     def _spawn(self, index: int) -> _Slot:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        struct.pack_into("qqqq", self._flags, SLOT_BYTES * index, 0, 0, -1, 0)
+        reset_slot(self._flags, index)
         proc = self._ctx.Process(
             target=worker_main,
             args=(
@@ -352,7 +295,7 @@ class _Pool:
             slot = job = None  # type: ignore[assignment]
             with self._lock:
                 live = [s for s in self._slots if s is not None]
-                kill_times = [s.job.kill_at for s in live if s.job is not None and s.job.kill_at]
+                kill_times = [s.job.stop_at for s in live if s.job is not None and s.job.stop_at]
             waitables: list[Any] = [self._wake_r]
             for s in live:
                 waitables.append(s.conn)
@@ -375,15 +318,15 @@ class _Pool:
             now = time.monotonic()
             for s in live:
                 running = s.job
-                if not s.dead and running is not None and running.kill_at is not None:
-                    if now >= running.kill_at:
+                if not s.dead and running is not None and running.stop_at is not None:
+                    if now >= running.stop_at:
                         self._kill(s)
                         self._reap(s)
         self._shutdown_workers()
 
-    def _spawn_needed(self) -> list[tuple[_Slot, _Job]]:
+    def _spawn_needed(self) -> list[tuple[_Slot, PoolJob]]:
         # called with the lock held; returns the sends to make once it is released
-        sends: list[tuple[_Slot, _Job]] = []
+        sends: list[tuple[_Slot, PoolJob]] = []
         free = [i for i, s in enumerate(self._slots) if s is None]
         want = len(self._pending) + self._want_extra
         self._want_extra = 0
@@ -409,28 +352,33 @@ class _Pool:
 
     def _receive(self, slot: _Slot) -> None:
         try:
-            msg = slot.conn.recv()
+            msg = from_wire(slot.conn.recv())
         except (EOFError, OSError):
             self._reap(slot)
             return
-        kind = msg[0]
-        if kind == "log":
-            _emit_remote(msg[2])
-            return
-        if kind == "init_error":
-            error = CanoError(f"the worker initializer failed:\n{msg[1]}")
-            with self._lock:
-                self._broken = msg[1]
-                job, slot.job = slot.job, None
-            log.error("the worker initializer failed:\n%s", msg[1])
-            if job is not None and not job.future.done():
-                job.future.set_exception(error)
-            self._reap(slot)
-            self._fail_pending(error)
-            return
+        if isinstance(msg, LogMessage):
+            emit_remote(msg.record, msg.tags)
+        elif isinstance(msg, InitFailed):
+            self._init_failed(slot, msg.text)
+        else:
+            self._replied(slot, msg)
+
+    def _init_failed(self, slot: _Slot, text: str) -> None:
+        error = CanoError(f"the worker initializer failed:\n{text}")
+        with self._lock:
+            self._broken = text
+            job, slot.job = slot.job, None
+        log.error("the worker initializer failed:\n%s", text)
+        if job is not None and not job.future.done():
+            job.future.set_exception(error)
+        self._reap(slot)
+        self._fail_pending(error)
+
+    def _replied(self, slot: _Slot, msg: Any) -> None:
+        # msg: Returned or Raised
         with self._lock:
             job = slot.job
-            if job is None or job.seq != msg[1]:
+            if job is None or job.seq != msg.seq:
                 return  # a stale reply: cannot happen with one call per slot
             slot.job = None
             nxt = self._pending.popleft() if self._pending and not self._closed else None
@@ -445,10 +393,10 @@ class _Pool:
             return
         if job.cancelled:
             fut.set_result(CANCELLED)
-        elif kind == "ok":
-            fut.set_result(msg[2])
+        elif isinstance(msg, Returned):
+            fut.set_result(msg.result)
         else:
-            fut.set_exception(CanoError(f"cano_mp worker error:\n{msg[2]}"))
+            fut.set_exception(CanoError(f"cano_mp worker error:\n{msg.text}"))
 
     def _fail_pending(self, exc: BaseException) -> None:
         with self._lock:
@@ -498,7 +446,7 @@ class _Pool:
                     exitcode,
                 )
                 died = WorkerDied(exitcode, slot.pid)
-                where = _read_progress(self._flags, slot.index, job.seq)
+                where = read_progress(self._flags, slot.index, job.seq)
                 died.position = where[0] if where is not None else None
                 job.future.set_exception(died)
 
@@ -506,7 +454,7 @@ class _Pool:
         live = [s for s in self._slots if s is not None]
         for s in live:
             try:
-                s.conn.send(("stop",))
+                s.conn.send(tuple(Stop("stop")))
             except (OSError, ValueError):
                 pass
         deadline = time.monotonic() + STOP_GRACE
@@ -525,128 +473,3 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-_shared_lock = threading.Lock()
-_shared: dict[tuple[Any, ...], _Pool] = {}
-
-
-def shutdown_shared_pools() -> None:
-    """Stop the process-wide pools (run at interpreter exit; tests use it too)."""
-    with _shared_lock:
-        pools = list(_shared.values())
-        _shared.clear()
-    for pool in pools:
-        pool.close()
-
-
-atexit.register(shutdown_shared_pools)
-
-
-class ProcessExecutor:
-    """Runs calls in a pool of loky worker processes.
-
-    Args:
-        max_workers: pool size; default: the usable CPUs (affinity and cgroup quotas
-            honoured).
-        initializer: called with ``initargs`` in each worker when it starts.
-        reuse: ``True`` (default) shares one process-wide pool between every executor with
-            the same arguments; ``False`` owns a private pool, shut down by :meth:`close`
-            (or the ``with`` block).
-
-    A worker that dies fails only the call it was running; the pool starts a new worker.
-    Workers start on demand; :meth:`warm` starts them ahead of time.
-    """
-
-    def __init__(
-        self,
-        max_workers: int | None = None,
-        *,
-        initializer: Callable[..., Any] | None = None,
-        initargs: tuple[Any, ...] = (),
-        reuse: bool = True,
-    ) -> None:
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
-        ):
-            raise ConfigError(f"max_workers must be an int >= 1, got {max_workers!r}")
-        if initializer is not None and not callable(initializer):
-            raise ConfigError(f"initializer must be callable, got {initializer!r}")
-        self._max_workers = max_workers or default_workers()
-        self._reuse = reuse
-        self._key = (self._max_workers, initializer, tuple(initargs))
-        self._initializer = initializer
-        self._initargs = tuple(initargs)
-        self._own: _Pool | None = None
-        self._closed = False
-        if not reuse:
-            self._own = _Pool(self._max_workers, initializer, self._initargs)
-            weakref.finalize(self, self._own.close)
-
-    def _pool(self) -> _Pool:
-        if self._closed:
-            raise CanoError("this ProcessExecutor is closed")
-        if self._own is not None:
-            return self._own
-        with _shared_lock:
-            pool = _shared.get(self._key)
-            if pool is None or pool._closed:
-                pool = _Pool(self._max_workers, self._initializer, self._initargs)
-                _shared[self._key] = pool
-            return pool
-
-    @property
-    def max_workers(self) -> int:
-        """How many worker processes the pool runs at most."""
-        return self._max_workers
-
-    def submit(self, call: Call) -> Future[Any]:
-        """Queue ``call``; it runs in the first free worker."""
-        return self._pool().submit(call)
-
-    def cancel(self, future: Future[Any], grace: float) -> None:
-        """Set the call's cooperative flag; kill its worker after ``grace`` seconds."""
-        if self._own is not None:
-            self._own.cancel(future, grace)
-            return
-        with _shared_lock:
-            pool = _shared.get(self._key)
-        if pool is not None:
-            pool.cancel(future, grace)
-
-    def progress(self, future: Future[Any]) -> tuple[int, float] | None:
-        """Where a running call is: ``(position, started)`` of the item a batch chunk works
-        on (``started`` in ``time.monotonic()`` seconds), or ``None`` (not started, done,
-        or not a chunk). Optional for other executors."""
-        pool = self._own
-        if pool is None:
-            with _shared_lock:
-                pool = _shared.get(self._key)
-        return pool.progress(future) if pool is not None else None
-
-    def warm(self) -> ProcessExecutor:
-        """Start every worker now (they otherwise start on first use); returns self."""
-        self._pool().warm()
-        return self
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the live workers."""
-        return self._pool().pids()
-
-    def close(self) -> None:
-        """Shut down a private pool (``reuse=False``); a shared pool stays up."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._own is not None:
-            self._own.close()
-
-    def __enter__(self) -> ProcessExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        kind = "shared" if self._reuse else "private"
-        return f"ProcessExecutor(max_workers={self._max_workers}, {kind} pool)"

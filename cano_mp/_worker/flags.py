@@ -1,0 +1,103 @@
+"""The flags file: how the driver and a pool worker talk without a message.
+
+One shared file (``_shm.create_writable``: private, in the pool's own directory) holds four
+int64 per pool slot::
+
+    offset  field         written by   meaning
+    0       CANCEL        driver       the seq of the call to cancel
+    8       PROGRESS_SEQ  worker       the seq of the call running now (0: none)
+    16      POSITION      worker       the item of a batch chunk it works on (-1: none yet)
+    24      STARTED       worker       when that item started (time.monotonic_ns())
+
+Cancellation is a flag, not a message: :class:`CallControl` (the ``control`` argument of a
+call) compares CANCEL with the running call's seq, so a cancelled call notices without
+reading its pipe. The driver reads the progress fields with :func:`read_progress` to time
+out one item of a chunk and to tell which item a dead worker was running;
+``time.monotonic_ns()`` is the same clock in every process of the machine.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+__all__ = [
+    "CANCEL",
+    "POSITION",
+    "PROGRESS_SEQ",
+    "SLOT_BYTES",
+    "STARTED",
+    "CallControl",
+    "read_progress",
+    "request_cancel",
+    "reset_slot",
+]
+
+# Layout of one pool slot in the flags file (byte offsets of int64 fields).
+SLOT_BYTES = 32
+CANCEL, PROGRESS_SEQ, POSITION, STARTED = 0, 8, 16, 24
+
+
+def reset_slot(flags: mmap.mmap, index: int) -> None:
+    """Driver: clear slot ``index`` before a new worker starts on it."""
+    struct.pack_into("qqqq", flags, SLOT_BYTES * index, 0, 0, -1, 0)
+
+
+def request_cancel(flags: mmap.mmap, index: int, seq: int) -> None:
+    """Driver: ask call ``seq``, running in slot ``index``, to stop."""
+    struct.pack_into("q", flags, SLOT_BYTES * index + CANCEL, seq)
+
+
+def read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] | None:
+    """Driver: ``(position, started)`` of the item call ``seq`` works on in slot ``index``
+    (``started`` in ``time.monotonic()`` seconds), or ``None``."""
+    # The worker writes an item's start before its position, and resets both before it
+    # writes a new call's seq. Read seq, position, start, then seq again (a seqlock): a
+    # pair from two different calls, or a half-written one, is never returned.
+    base = SLOT_BYTES * index
+    if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
+        return None
+    position = struct.unpack_from("q", flags, base + POSITION)[0]
+    started = struct.unpack_from("q", flags, base + STARTED)[0]
+    if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
+        return None
+    if position < 0:
+        return None
+    return int(position), started / 1e9
+
+
+class CallControl:
+    """Worker: the ``control`` argument of a call in a pool worker.
+
+    Calling it tells whether the driver asked the running call to stop. ``positions()``
+    and ``mark_timed(position, started_ns)`` report the item a batch chunk works on.
+    """
+
+    __slots__ = ("_base", "_view", "seq")
+
+    def __init__(self, view: memoryview, slot: int) -> None:
+        self._view = view  # the flags file as int64
+        self._base = slot * (SLOT_BYTES // 8)
+        self.seq = 0
+
+    def __call__(self) -> bool:
+        return bool(self._view[self._base] == self.seq)
+
+    def begin(self, seq: int) -> None:
+        b, v = self._base, self._view
+        self.seq = seq
+        v[b + 2] = -1
+        v[b + 3] = 0
+        v[b + 1] = seq
+
+    def end(self) -> None:
+        self.seq = 0
+
+    def positions(self) -> memoryview:
+        """A one-item view of this slot's position field: ``view[0] = k`` marks item k."""
+        return self._view[self._base + 2 : self._base + 3]
+
+    def mark_timed(self, position: int, started_ns: int) -> None:
+        # start first: a reader that sees the new position also sees its start
+        self._view[self._base + 3] = started_ns
+        self._view[self._base + 2] = position

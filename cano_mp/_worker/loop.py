@@ -1,0 +1,153 @@
+"""worker_main: the loop each pool worker process runs (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+from .. import _shm
+from .._wire import BlobCache, InitFailed, Raised, RunCall
+from .flags import SLOT_BYTES, CallControl
+from .logs import ForwardLogs
+
+__all__ = ["worker_main"]
+
+_tuple_new = tuple.__new__
+
+
+class _BadBlob:
+    """Stands in for a blob that could not be unpickled here; using it raises."""
+
+    def __init__(self, key: str, error: str) -> None:
+        self.key, self.error = key, error
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="cano_mp-parent-watch").start()
+
+
+def worker_main(
+    conn: Connection,
+    slot: int,
+    flags_path: str,
+    parent: int,
+    initializer: Any,
+    initargs: tuple[Any, ...],
+    owner: str = "",
+) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A process group of our own: the driver kills it whole when this worker dies or is
+    # killed, so what a task started (a subprocess) never outlives it. The variable marks
+    # those processes for the janitor, should the driver itself be SIGKILLed.
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # pragma: no cover - already a session leader
+        pass
+    if owner:
+        os.environ[_shm.OWNER_ENV] = owner
+    _die_with_parent(parent)
+    fd = _shm.open_private(flags_path, os.O_RDWR, size=SLOT_BYTES * (slot + 1))
+    flags = mmap.mmap(fd, 0)
+    os.close(fd)
+    control = CallControl(memoryview(flags).cast("q"), slot)
+
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException:
+            conn.send(tuple(InitFailed("init_failed", traceback.format_exc())))
+            return
+    _serve(conn, control)
+    sys.exit(0)
+
+
+def _serve(conn: Connection, control: CallControl) -> None:
+    """Run calls until the driver says stop or the pipe closes."""
+    caches = BlobCache.per_category()
+    recv, raw_send = conn.recv, conn.send
+    send_lock = threading.Lock()
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with send_lock:  # task threads may log while the main thread replies
+            raw_send(msg)
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(ForwardLogs(send, control))
+    while True:
+        try:
+            raw = recv()
+        except (EOFError, OSError):
+            return
+        if raw[0] != "call":
+            return  # Stop
+        msg: RunCall = _tuple_new(RunCall, raw)  # from_wire, less the look-up
+        del raw
+        if root.level != msg.log_level:
+            root.setLevel(msg.log_level)
+        for key, category, data in msg.new_blobs:
+            try:
+                obj = cloudpickle.loads(data)
+            except BaseException as exc:
+                obj = _BadBlob(key, f"{type(exc).__name__}: {exc}")
+            caches[category].add(key, obj)
+        objs = [caches[category].touch(key) for key, category in msg.keys]
+        seq = msg.seq
+        control.begin(seq)
+        try:
+            reply = _run(msg, control, objs)
+        except BaseException:
+            reply = _raised(seq, traceback.format_exc())
+        control.end()
+        del msg, objs  # hold no call's arguments while waiting for the next one
+        try:
+            send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            text = f"the call's result could not be sent back: {exc}"
+            send(_raised(seq, text))
+        except (BrokenPipeError, OSError):
+            return
+        del reply
+
+
+def _run(msg: RunCall, control: CallControl, objs: list[Any]) -> tuple[Any, ...]:
+    """The reply to ``msg``: a Returned, built as the plain tuple it travels as (the one
+    message every call sends: no record constructed only to be taken apart again)."""
+    bad = next((o for o in objs if isinstance(o, _BadBlob)), None)
+    if bad is not None:
+        return _raised(msg.seq, f"could not load {bad.key} in the worker: {bad.error}")
+    return ("returned", msg.seq, msg.fn(control, msg.deadline, *objs, *msg.args))
+
+
+def _raised(seq: int, text: str) -> tuple[Any, ...]:
+    return tuple(Raised("raised", seq, text))
