@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import cloudpickle
 
 from . import _context
-from ._codec import error_payload
 from ._context import _LazyContext, _set_context
 from ._errors import Terminated
 from ._retry import TaskConfig
 from ._store import ReadOnlyStore, SnapshotData
+from ._store.codec import error_payload
 
 if TYPE_CHECKING:
     from ._runner import UnitSpec

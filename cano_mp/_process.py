@@ -56,10 +56,10 @@ from typing import Any
 from loky import cpu_count
 from loky.backend.context import get_context
 
-from . import _shm
 from ._errors import CanoError, ConfigError
 from ._executor import CANCELLED, Call, WorkerDied
 from ._log import get_logger
+from ._store import shm as _shm
 from ._worker import (
     CACHE_SIZES,
     CANCEL,

@@ -23,10 +23,10 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from . import _context
-from ._codec import error_payload
 from ._context import TaskContext, _set_context
 from ._errors import Terminated
 from ._store import SnapshotData, TaskStore
+from ._store.codec import error_payload
 from ._task import Node, Task
 
 __all__ = ["UnitSpec", "run_unit_call"]

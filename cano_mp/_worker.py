@@ -43,7 +43,8 @@ from typing import Any
 
 import cloudpickle
 
-from . import _context, _shm
+from . import _context
+from ._store import shm as _shm
 
 __all__ = [
     "CACHE_SIZES",

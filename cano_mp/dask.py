@@ -80,7 +80,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "cano_mp.dask needs the 'distributed' package: pip install 'cano-mp[dask]'"
     ) from exc
 
-from ._byvalue import (
+from ._errors import CanoError, ConfigError
+from ._executor import CANCELLED, Blob, Call, WorkerDied
+from ._runner import run_unit_call
+from ._store.byvalue import (
     ValueSnapshot,
     hold_snapshot,
     pack_log,
@@ -89,9 +92,6 @@ from ._byvalue import (
     unpack_log,
     value_snapshot,
 )
-from ._errors import CanoError, ConfigError
-from ._executor import CANCELLED, Blob, Call, WorkerDied
-from ._runner import run_unit_call
 
 if TYPE_CHECKING:
     from distributed import Client  # type: ignore[import-not-found, unused-ignore]

@@ -43,9 +43,9 @@ from cano_mp import (
     TaskConfig,
     WorkerCrashed,
     Workflow,
-    _shm,
     task,
 )
+from cano_mp._store import shm as _shm
 
 RETRY = TaskConfig(retry=RetryPolicy.exponential(5, base_delay=0.05))
 

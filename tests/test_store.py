@@ -13,8 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-from cano_mp import SharedStore, StoreError, StoreKeyError, _shm
+from cano_mp import SharedStore, StoreError, StoreKeyError
 from cano_mp._store import TaskStore
+from cano_mp._store import shm as _shm
 
 
 def segment_files(store: SharedStore) -> list[str]:

@@ -31,8 +31,8 @@ from cano_mp import (
     TaskError,
     WorkerCrashed,
     Workflow,
-    _shm,
 )
+from cano_mp._store import shm as _shm
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTACKER_UID = 65534  # nobody: tests run as root and chown what the "attacker" makes
@@ -42,7 +42,7 @@ import os, sys, time, signal, threading
 from enum import Enum
 import numpy as np
 from cano_mp import *
-from cano_mp import _shm
+from cano_mp._store import shm as _shm
 
 class S(Enum):
     A = 1

@@ -53,8 +53,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from ._errors import StoreError
-from ._log import get_logger
+from .._errors import StoreError
+from .._log import get_logger
 
 __all__ = [
     "PREFIX",
@@ -190,7 +190,7 @@ def process_dir(root: str) -> str:
 
 def _install_sigterm_cleanup() -> None:
     try:
-        from . import _signals
+        from .. import _signals
 
         _signals.install()
     except Exception:  # pragma: no cover - never fail a store over a signal handler

@@ -27,9 +27,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from . import _shm
-from ._codec import Encoded, Ref, all_refs, buffer_address, decode, encode
-from ._errors import StoreError, StoreKeyError
+from .._errors import StoreError, StoreKeyError
+from .codec import Encoded, Ref, all_refs, buffer_address, decode, encode
+from .shm import (
+    Segment,
+    create_writable,
+    map_readonly,
+    read_segment_bytes,
+    run_janitor,
+    segment_dirs,
+    write_segment,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,7 +63,7 @@ HELD_SEGMENTS: dict[str, memoryview] = {}
 
 # The segments ``SharedStore.array()`` handed out writable: the only ones whose bytes
 # can change after they were written (``_byvalue`` ships them again with each version).
-WRITABLE_SEGMENTS: weakref.WeakValueDictionary[str, _shm.Segment] = weakref.WeakValueDictionary()
+WRITABLE_SEGMENTS: weakref.WeakValueDictionary[str, Segment] = weakref.WeakValueDictionary()
 
 
 def _check_key(key: object) -> str:
@@ -101,7 +109,7 @@ class Snapshot:
     version: int
     dirs: tuple[str | None, str]
     index: dict[str, Encoded]
-    keep: tuple[_shm.Segment, ...]
+    keep: tuple[Segment, ...]
     _data: bytes | None = field(default=None, repr=False)
     blob: Any = field(default=None, repr=False)  # the engine's Blob for this snapshot
 
@@ -160,21 +168,19 @@ class SharedStore:
     """
 
     def __init__(self) -> None:
-        _shm.run_janitor()
+        run_janitor()
         self._uid = f"s{next(_uids)}{secrets.token_hex(3)}"
-        self._entries: dict[str, tuple[Encoded, tuple[_shm.Segment, ...]]] = {}
-        self._segments: weakref.WeakValueDictionary[str, _shm.Segment] = (
-            weakref.WeakValueDictionary()
-        )
+        self._entries: dict[str, tuple[Encoded, tuple[Segment, ...]]] = {}
+        self._segments: weakref.WeakValueDictionary[str, Segment] = weakref.WeakValueDictionary()
         self._writable = _Writable()
         self._lock = threading.RLock()
         self._version = 0
         self._snapshot: Snapshot | None = None
         self._closed = False
         self._seq = itertools.count()
-        self._pending: list[_shm.Segment] = []
+        self._pending: list[Segment] = []
         self._run_lock = threading.RLock()
-        self._dirs = _shm.segment_dirs(self._uid)
+        self._dirs = segment_dirs(self._uid)
         self._finalizer = weakref.finalize(self, _remove_dirs, self._dirs)
 
     # -- segments -------------------------------------------------------------------------
@@ -182,18 +188,18 @@ class SharedStore:
         return f"d{next(self._seq)}"
 
     def _write(self, data: memoryview) -> Ref:
-        path = _shm.write_segment(self._dirs, self._new_name(), data)
-        seg = _shm.Segment(path, data.nbytes)
+        path = write_segment(self._dirs, self._new_name(), data)
+        seg = Segment(path, data.nbytes)
         self._segments[path] = seg
         self._pending.append(seg)
         return (path, data.nbytes)
 
-    def _adopt(self, enc: Encoded) -> tuple[_shm.Segment, ...]:
+    def _adopt(self, enc: Encoded) -> tuple[Segment, ...]:
         segs = []
         for path, nbytes in all_refs(enc):
             seg = self._segments.get(path)
             if seg is None:
-                seg = _shm.Segment(path, nbytes)
+                seg = Segment(path, nbytes)
                 self._segments[path] = seg
             segs.append(seg)
         return tuple(segs)
@@ -204,7 +210,7 @@ class SharedStore:
             raise StoreError(f"segment {ref[0]} is gone (store closed?)")
         return seg.view()
 
-    def _encode(self, key: str, value: Any) -> tuple[Encoded, tuple[_shm.Segment, ...]]:
+    def _encode(self, key: str, value: Any) -> tuple[Encoded, tuple[Segment, ...]]:
         self._pending = []
         try:
             enc = _encode_for(key, value, self._write, self._writable.lookup)
@@ -216,7 +222,7 @@ class SharedStore:
         if self._closed:
             raise StoreError("this SharedStore is closed")
 
-    def _set(self, key: str, entry: tuple[Encoded, tuple[_shm.Segment, ...]]) -> None:
+    def _set(self, key: str, entry: tuple[Encoded, tuple[Segment, ...]]) -> None:
         self._entries[key] = entry
         self._bump()
 
@@ -325,8 +331,8 @@ class SharedStore:
             dt = np.dtype(dtype)
             shp = (shape,) if isinstance(shape, int) else tuple(shape)
             nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
-            path, mm = _shm.create_writable(self._dirs, self._new_name(), nbytes)
-            seg = _shm.Segment(path, nbytes, mm)
+            path, mm = create_writable(self._dirs, self._new_name(), nbytes)
+            seg = Segment(path, nbytes, mm)
             self._segments[path] = seg
             WRITABLE_SEGMENTS[path] = seg
             arr: np.ndarray[Any, Any] = np.ndarray(shp, dtype=dt, buffer=mm)
@@ -434,7 +440,7 @@ def discard_segments(dirs: tuple[str | None, str], token: str) -> None:
 
 
 def _read_once(ref: Ref) -> memoryview:
-    return memoryview(_shm.read_segment_bytes(ref[0], ref[1]))
+    return memoryview(read_segment_bytes(ref[0], ref[1]))
 
 
 def _appended(key: str, current: Any, items: list[Any]) -> list[Any]:
@@ -468,7 +474,7 @@ class _CallMaps:
             held = HELD_SEGMENTS.get(ref[0])
             if held is not None:
                 return held[: ref[1]]
-            mm = _shm.map_readonly(ref[0], ref[1])
+            mm = map_readonly(ref[0], ref[1])
             self._maps[ref[0]] = mm
         return memoryview(mm)[: ref[1]]
 
@@ -506,7 +512,7 @@ class TaskStore(SharedStore):
         return f"{self._token}-{next(self._seq)}"
 
     def _write(self, data: memoryview) -> Ref:
-        path = _shm.write_segment(self._dirs, self._new_name(), data)
+        path = write_segment(self._dirs, self._new_name(), data)
         self._created.append(path)
         return (path, data.nbytes)
 
@@ -571,7 +577,7 @@ class TaskStore(SharedStore):
         dt = np.dtype(dtype)
         shp = (shape,) if isinstance(shape, int) else tuple(shape)
         nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
-        path, mm = _shm.create_writable(self._dirs, self._new_name(), nbytes)
+        path, mm = create_writable(self._dirs, self._new_name(), nbytes)
         self._created.append(path)
         self._mms.append(mm)
         arr: np.ndarray[Any, Any] = np.ndarray(shp, dtype=dt, buffer=mm)

@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _shm
-from ._codec import Encoded, Ref, all_refs
-from ._store import HELD_SEGMENTS, WRITABLE_SEGMENTS, LogOp, SnapshotData
+from .codec import Encoded, Ref, all_refs
+from .shared import HELD_SEGMENTS, WRITABLE_SEGMENTS, LogOp, SnapshotData
+from .shm import read_segment_bytes, run_janitor, segment_dirs, write_segment
 
 __all__ = [
     "VALUE_PREFIX",
@@ -108,7 +108,7 @@ def value_snapshot(data: SnapshotData) -> ValueSnapshot:
 
 def read_segment(ref: Ref) -> bytes:
     """The bytes of a segment file (driver side: to send them by value)."""
-    return _shm.read_segment_bytes(ref[0], ref[1])
+    return read_segment_bytes(ref[0], ref[1])
 
 
 # -- worker side -----------------------------------------------------------------------------
@@ -126,8 +126,8 @@ def worker_dirs() -> tuple[str | None, str]:
     """
     global _dirs
     if _dirs is None:
-        _shm.run_janitor()
-        _dirs = _shm.segment_dirs(f"w{os.getpid()}")
+        run_janitor()
+        _dirs = segment_dirs(f"w{os.getpid()}")
     return _dirs
 
 
@@ -207,7 +207,7 @@ def unpack_log(
             if not name or name.startswith(".") or name != path.rsplit("/", 1)[-1]:
                 raise ValueError(f"unexpected segment name {path!r} in a write log")
             view = _as_view(buf)
-            target = _shm.write_segment(dirs, name, view)
+            target = write_segment(dirs, name, view)
             written[path] = (target, view.nbytes)
     except BaseException:
         for ref in written.values():
