@@ -56,7 +56,7 @@ from ._log import get_logger
 from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
 from ._runner import UnitSpec, run_unit_call
-from ._store import SharedStore, Snapshot
+from ._store import SharedStore, Snapshot, driver_store
 
 __all__ = ["CANCEL_GRACE", "Plan", "RemoteError", "Run", "RunCancelled", "UnitRef"]
 
@@ -201,7 +201,7 @@ class Run:
         cancel_grace: float = CANCEL_GRACE,
     ) -> None:
         self.plan = plan
-        self.store = store
+        self.store = driver_store(store)  # a task's view cannot be a run's store
         self.executor = executor
         self.observers = observers
         self.timeout = timeout

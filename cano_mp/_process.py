@@ -60,6 +60,7 @@ from ._errors import CanoError, ConfigError
 from ._executor import CANCELLED, Call, WorkerDied
 from ._log import get_logger
 from ._store import shm as _shm
+from ._store.janitor import run_janitor
 from ._worker import (
     CACHE_SIZES,
     CANCEL,
@@ -160,7 +161,7 @@ class _Pool:
         initializer: Callable[..., Any] | None,
         initargs: tuple[Any, ...],
     ) -> None:
-        _shm.run_janitor()
+        run_janitor()
         self.max_workers = max_workers
         self._initializer = initializer
         self._initargs = initargs

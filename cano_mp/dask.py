@@ -547,7 +547,7 @@ class DaskExecutor:
 
     def _ship_snapshot(self, blob: Blob) -> _Shipped:
         data = blob.obj
-        uid, version = data[0], data[1]
+        uid, version = data.store_uid, data.version
         with self._ship_lock:
             shipped = self._snapshots.get(uid)
             if (
@@ -579,7 +579,7 @@ class DaskExecutor:
                 self._segments[name] = fut
             shipped = _Shipped(
                 version,
-                data[2],
+                data.dirs,
                 index,
                 tuple(self._segments[name] for name in snap.segments),
                 snap.segments,
@@ -664,7 +664,7 @@ class DaskExecutor:
         if data:
             snap = next(b.obj for b in job.call.blobs if b.category == "snapshot")
             try:
-                out = (*out[:2], unpack_log(out[2], data, snap[2]), *out[3:])
+                out = (*out[:2], unpack_log(out[2], data, snap.dirs), *out[3:])
             except Exception as exc:
                 self._finish(job, error=exc)
                 return

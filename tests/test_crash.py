@@ -232,10 +232,10 @@ def test_no_orphans_or_shared_memory_after_a_killed_driver() -> None:
     proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, "workers outlived their killed driver"
-    from cano_mp._store import shm as _shm
+    from cano_mp._store import janitor
 
     assert os.path.isdir(owner_dir)
-    _shm.run_janitor(force=True)
+    janitor.run_janitor(force=True)
     assert not os.path.exists(owner_dir)
 
 

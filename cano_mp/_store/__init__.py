@@ -1,25 +1,70 @@
-"""The store: state shared by the driver and the workers (see the modules for the details)."""
+"""The store: key-value state shared by the driver and the workers, in shared memory.
 
-from .shared import (
-    HELD_SEGMENTS,
-    WRITABLE_SEGMENTS,
-    LogOp,
-    ReadOnlyStore,
-    SharedStore,
-    Snapshot,
-    SnapshotData,
-    TaskStore,
-    discard_segments,
-)
+::
+
+    driver process                                          worker process (or inline)
+    --------------                                          --------------------------
+    SharedStore() -> shared.DriverStore
+      index: key -> encoded value (codec: pickle 5,
+             large buffers in segment files, shm)
+      | _take_snapshot(), once per store version
+      v
+    shared.Snapshot (keeps its segments alive)
+      .data() = records.SnapshotData(store_uid, ---------> view.TaskStore(data, token)
+                version, dirs, index)                        reads: own writes, then the
+      pickled once per version (engine's Blob)               index; segments mapped
+                                                             read-only, zero-copy
+                                                           writes: an overlay + a write log;
+                                                             large values -> new segment
+                                                             files "<token>-<n>"
+                                                           _finish(ok) -> the log
+    DriverStore._commit(log)   <------------------------  [Put | Delete | Append | Clear]
+      only when the attempt succeeded, in branch-index        (records; compacted)
+      order for a split; the segments the log names
+      are adopted by the index
+    discard_segments(dirs, token): a failed, timed-out,
+      crashed or cancelled attempt's files, by its token
+
+What each module owns:
+
+- ``base``: :class:`SharedStore`, the public interface users type against
+  (``run(self, store: SharedStore)``), with the read-side helpers every store shares.
+  ``SharedStore()`` builds a ``DriverStore``; a task's ``TaskStore`` is a SharedStore too
+  (``isinstance`` holds in a task), but neither inherits the other's machinery.
+- ``shared``: ``DriverStore`` (index, segments, lock, snapshots, commits) and ``Snapshot``.
+- ``view``: ``TaskStore`` and ``ReadOnlyStore`` (``BatchTask.process``), built per call.
+- ``records``: the named records that cross a process boundary (``SnapshotData``, the
+  write-log operations).
+- ``codec``: encoding values (pickle protocol 5, buffers out of band, in segments).
+- ``shm``: private segment directories and files (the security checks live there);
+  ``janitor``: removing what killed processes left.
+- ``byvalue``: snapshots and logs sent as bytes to workers that cannot map the driver's
+  files (Dask workers on other machines).
+
+The package imports only ``_errors`` and ``_log`` from the rest of cano_mp (and, lazily,
+``_signals``, a leaf, to install the SIGTERM cleanup when shared memory is first used).
+"""
+
+from .base import SharedStore
+from .records import Append, Clear, Delete, Dirs, LogOp, Put, SnapshotData
+from .shared import WRITABLE_SEGMENTS, DriverStore, Snapshot, discard_segments, driver_store
+from .view import HELD_SEGMENTS, ReadOnlyStore, TaskStore
 
 __all__ = [
     "HELD_SEGMENTS",
     "WRITABLE_SEGMENTS",
+    "Append",
+    "Clear",
+    "Delete",
+    "Dirs",
+    "DriverStore",
     "LogOp",
+    "Put",
     "ReadOnlyStore",
     "SharedStore",
     "Snapshot",
     "SnapshotData",
     "TaskStore",
     "discard_segments",
+    "driver_store",
 ]
