@@ -71,12 +71,12 @@ class SharedStore:
         return cast("Self", object.__new__(cls._driver if cls is SharedStore else cls))
 
     def __init__(self) -> None:
-        """A new, empty store (its shared memory is made on first use)."""
+        """A new, empty store, owned by this (the driver) process."""
 
     # -- implemented by each store ----------------------------------------------------------
     def put(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key`` (replacing what was there)."""
-        raise NotImplementedError
+        raise _unimplemented(self, "put")
 
     @overload
     def get(self, key: str) -> Any: ...
@@ -89,23 +89,23 @@ class SharedStore:
         Every call returns a fresh copy of small values; arrays in shared memory come back
         as read-only views (no copy).
         """
-        raise NotImplementedError
+        raise _unimplemented(self, "get")
 
     def remove(self, key: str) -> None:
         """Delete ``key``; a missing key raises :class:`StoreKeyError`."""
-        raise NotImplementedError
+        raise _unimplemented(self, "remove")
 
     def append(self, key: str, item: Any) -> None:
         """Append ``item`` to the list under ``key``, creating the list when absent."""
-        raise NotImplementedError
+        raise _unimplemented(self, "append")
 
     def keys(self) -> list[str]:
         """The keys, in insertion order."""
-        raise NotImplementedError
+        raise _unimplemented(self, "keys")
 
     def clear(self) -> None:
         """Remove every key (shared memory no snapshot uses is released at once)."""
-        raise NotImplementedError
+        raise _unimplemented(self, "clear")
 
     def array(
         self, key: str, shape: int | tuple[int, ...], dtype: npt.DTypeLike = "float64"
@@ -116,22 +116,22 @@ class SharedStore:
         to it after a task started are visible to that task (the array is shared, not
         snapshotted).
         """
-        raise NotImplementedError
+        raise _unimplemented(self, "array")
 
     def close(self) -> None:
         """Release all shared memory of this store; idempotent. The store is unusable after."""
-        raise NotImplementedError
+        raise _unimplemented(self, "close")
 
     @property
     def closed(self) -> bool:
         """True after :meth:`close`."""
-        raise NotImplementedError
+        raise _unimplemented(self, "closed")
 
     def __contains__(self, key: object) -> bool:
-        raise NotImplementedError
+        raise _unimplemented(self, "__contains__")
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        raise _unimplemented(self, "__len__")
 
     # -- the same for every store -----------------------------------------------------------
     def __setitem__(self, key: str, value: Any) -> None:
@@ -165,6 +165,13 @@ class SharedStore:
             "a SharedStore cannot be pickled into a task: tasks receive the store as their "
             "argument (run(self, store)); read what you need from it there"
         )
+
+
+def _unimplemented(store: SharedStore, name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(store).__qualname__} does not implement {name}: SharedStore is the interface "
+        "of the driver's store and of a task's view; SharedStore() builds the store"
+    )
 
 
 def check_key(key: object) -> str:
