@@ -24,7 +24,7 @@ from . import _context
 from ._context import _LazyContext, _set_context
 from ._errors import Terminated
 from ._retry import TaskConfig
-from ._store import ReadOnlyStore, SnapshotData
+from ._store import ReadOnlyStore, WireSnapshot
 from ._store.codec import error_payload
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def _pack_results(results: list[Any], failures: list[tuple[Any, ...]]) -> bytes:
 def run_batch_chunk(
     control: Callable[[], bool],
     spec: UnitSpec,
-    snap: SnapshotData,
+    snap: WireSnapshot,
     payload: Any,
     first: int | Sequence[int],
     attempt: int,

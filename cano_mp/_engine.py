@@ -25,7 +25,6 @@ import enum
 import functools
 import itertools
 import logging
-import pickle
 import threading
 import time
 import uuid
@@ -56,7 +55,7 @@ from ._log import get_logger
 from ._observe import Observers, RunInfo
 from ._retry import TaskConfig
 from ._runner import UnitSpec, run_unit_call
-from ._store import SharedStore, Snapshot, driver_store
+from ._store import SharedStore, Snapshot, driver_store, serialise_snapshot
 
 __all__ = ["CANCEL_GRACE", "Plan", "RemoteError", "Run", "RunCancelled", "UnitRef"]
 
@@ -345,7 +344,8 @@ class Run:
             # The blob must not refer back to the snapshot: a cycle would keep the snapshot,
             # and the segments it keeps alive, until the cyclic garbage collector runs.
             data = snap.data()
-            snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
+            dumps = functools.partial(serialise_snapshot, data)
+            snap.blob = Blob(snap.key, data, "snapshot", dumps)
         if entry.batch:
             from ._batch_engine import run_batch_state  # imported on first use
 
@@ -765,10 +765,6 @@ def in_flight_per_worker(executor: Any) -> int:
     an optional hint of the Executor protocol; high-latency backends want more)."""
     hint = getattr(executor, "in_flight_per_worker", None)
     return hint if isinstance(hint, int) and hint >= 1 else IN_FLIGHT_PER_WORKER
-
-
-def _dumps(data: Any) -> bytes:
-    return pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _load_error(payload: Any) -> BaseException:

@@ -25,7 +25,7 @@ from typing import Any
 from . import _context
 from ._context import TaskContext, _set_context
 from ._errors import Terminated
-from ._store import SnapshotData, TaskStore
+from ._store import TaskStore, WireSnapshot
 from ._store.codec import error_payload
 from ._task import Node, Task
 
@@ -91,7 +91,7 @@ def execute_unit(unit: Any, store: TaskStore) -> Any:
 def run_unit_call(
     cancelled: Callable[[], bool],
     spec: UnitSpec,
-    snap: SnapshotData,
+    snap: WireSnapshot,
     attempt: int,
     deadline: float | None,
     run_id: str,

@@ -46,7 +46,20 @@ The package imports only ``_errors`` and ``_log`` from the rest of cano_mp (and,
 """
 
 from .base import SharedStore
-from .records import Append, Clear, Delete, Dirs, LogOp, Put, SnapshotData
+from .records import (
+    Append,
+    Clear,
+    Delete,
+    Dirs,
+    LogOp,
+    Put,
+    SnapshotData,
+    WireOp,
+    WireSnapshot,
+    log_from_wire,
+    log_to_wire,
+    serialise_snapshot,
+)
 from .shared import WRITABLE_SEGMENTS, DriverStore, Snapshot, discard_segments, driver_store
 from .view import HELD_SEGMENTS, ReadOnlyStore, TaskStore
 
@@ -65,6 +78,11 @@ __all__ = [
     "Snapshot",
     "SnapshotData",
     "TaskStore",
+    "WireOp",
+    "WireSnapshot",
     "discard_segments",
     "driver_store",
+    "log_from_wire",
+    "log_to_wire",
+    "serialise_snapshot",
 ]

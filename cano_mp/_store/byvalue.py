@@ -32,7 +32,7 @@ from typing import Any
 
 from .codec import Encoded, Ref, all_refs
 from .janitor import run_janitor
-from .records import Append, Dirs, LogOp, Put, SnapshotData
+from .records import Append, Dirs, LogOp, Put, SnapshotData, WireOp, log_from_wire, log_to_wire
 from .shared import WRITABLE_SEGMENTS
 from .shm import read_segment_bytes, segment_dirs, write_segment
 from .view import HELD_SEGMENTS
@@ -173,14 +173,14 @@ def release_snapshot(snap: ValueSnapshot) -> None:
                 _holds[name] = count
 
 
-def pack_log(log: list[LogOp]) -> tuple[list[LogOp], dict[str, bytes]]:
+def pack_log(log: list[WireOp]) -> tuple[list[WireOp], dict[str, bytes]]:
     """Read the segments a successful call's write log refers to, and delete their files.
 
     Returns the log unchanged (its references name this worker's files) and their bytes by
     path, for :func:`unpack_log` in the driver.
     """
     data: dict[str, bytes] = {}
-    for op in log:
+    for op in log_from_wire(log):
         if isinstance(op, _WITH_VALUE):
             for ref in all_refs(op.enc):
                 if ref[0] not in data:
@@ -193,7 +193,7 @@ def pack_log(log: list[LogOp]) -> tuple[list[LogOp], dict[str, bytes]]:
     return log, data
 
 
-def unpack_log(log: list[LogOp], data: Mapping[str, Any], dirs: Dirs) -> list[LogOp]:
+def unpack_log(log: list[WireOp], data: Mapping[str, Any], dirs: Dirs) -> list[WireOp]:
     """Write a packed log's segments into a store's directories (driver side) and return
     the log with its references renamed to them.
 
@@ -224,9 +224,9 @@ def unpack_log(log: list[LogOp], data: Mapping[str, Any], dirs: Dirs) -> list[Lo
         return written[ref[0]]
 
     out: list[LogOp] = []
-    for op in log:
+    for op in log_from_wire(log):
         if isinstance(op, _WITH_VALUE):
             out.append(type(op)(op.key, _map_enc(op.enc, rename)))
         else:
             out.append(op)
-    return out
+    return log_to_wire(out)

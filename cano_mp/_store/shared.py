@@ -6,9 +6,9 @@ segment files (see ``shm``), each owned through a ``shm.Segment`` that unlinks i
 no key and no live snapshot refers to it any more.
 
 A task never sees this object. The engine takes a :class:`Snapshot` (an immutable copy of
-the index, cached per store version and serialised once per version for the workers as a
-``records.SnapshotData``); the task runs against a ``view.TaskStore`` over it and hands back
-a write log. The engine applies the log with :meth:`DriverStore._commit` only when the
+the index, cached per store version and serialised once per version for the workers,
+``records.serialise_snapshot``); the task runs against a ``view.TaskStore`` over it and hands
+back a write log. The engine applies the log with :meth:`DriverStore._commit` only when the
 attempt succeeds; otherwise it discards the segments the attempt created
 (:func:`discard_segments`, by the attempt's token). Split branches share one snapshot and
 their logs are applied in branch-index order.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-import pickle
 import secrets
 import shutil
 import threading
@@ -31,7 +30,17 @@ from .._errors import ConfigError, StoreError, StoreKeyError
 from .base import MISSING, SharedStore, Writable, appended, check_key, encode_for
 from .codec import Encoded, Ref, all_refs, decode
 from .janitor import run_janitor
-from .records import Append, Clear, Delete, Dirs, LogOp, Put, SnapshotData
+from .records import (
+    Append,
+    Clear,
+    Delete,
+    Dirs,
+    Put,
+    SnapshotData,
+    WireOp,
+    log_from_wire,
+    serialise_snapshot,
+)
 from .shm import (
     Segment,
     create_writable,
@@ -93,7 +102,7 @@ class Snapshot:
     def serialised(self) -> bytes:
         """The index as bytes for the workers, computed once per store version."""
         if self._data is None:
-            self._data = pickle.dumps(self.data(), protocol=pickle.HIGHEST_PROTOCOL)
+            self._data = serialise_snapshot(self.data())
         return self._data
 
 
@@ -278,13 +287,13 @@ class DriverStore(SharedStore):
                 self._snapshot = snap
             return snap
 
-    def _commit(self, log: list[LogOp]) -> None:
-        """Apply a successful attempt's write log."""
+    def _commit(self, log: list[WireOp]) -> None:
+        """Apply a successful attempt's write log (as ``TaskStore._finish`` returned it)."""
         if not log:
             return
         with self._lock:
             self._check_open()
-            for op in log:
+            for op in log_from_wire(log):
                 match op:
                     case Put(key, enc):
                         self._set(key, (enc, self._adopt(enc)))

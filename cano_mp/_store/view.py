@@ -1,7 +1,9 @@
 """The store as a running task sees it: a snapshot, the task's own writes, a write log.
 
-A :class:`TaskStore` is built per call over the :class:`~.records.SnapshotData` the engine
-sent (in a worker, or in the driver for inline tasks and a BatchTask's ``load``/``finish``).
+A :class:`TaskStore` is built per call over the snapshot the engine sent (a
+``records.SnapshotData``, or its plain tuple when it came over a pipe), in a worker, or in the
+driver for inline tasks and a BatchTask's ``load``/``finish``.
+
 Reads come from the overlay of the task's own writes, then the snapshot's index; a segment
 is mapped on first read (:class:`_CallMaps`) and its arrays come back read-only, zero-copy.
 Writes go to the overlay and to a write log of :mod:`.records` operations; large values
@@ -9,9 +11,9 @@ the task writes become segment files named ``<token>-<n>`` in the store's direct
 that the driver can discard a failed attempt's files by its token.
 
 ``_finish(ok)`` ends the call: it unmaps what no value uses, returns the log (compacted:
-overwritten puts dropped, their segments freed) when ``ok``, else deletes every segment the
-call made and returns nothing. Nothing here touches the driver's store: the engine commits
-the log there (``DriverStore._commit``).
+overwritten puts dropped, their segments freed; in its wire form, ``records.log_to_wire``)
+when ``ok``, else deletes every segment the call made and returns nothing. Nothing here
+touches the driver's store: the engine commits the log there (``DriverStore._commit``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import StoreError, StoreKeyError
 from .base import MISSING, SharedStore, Writable, appended, check_key, encode_for
 from .codec import Encoded, Ref, all_refs, decode
-from .records import Append, Clear, Delete, LogOp, Put, SnapshotData
+from .records import Append, Clear, Delete, LogOp, Put, WireOp, WireSnapshot, log_to_wire
 from .shm import create_writable, map_readonly, write_segment
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ class TaskStore(SharedStore):
     log that the engine commits only if the task succeeds.
     """
 
-    def __init__(self, data: SnapshotData, token: str) -> None:
+    def __init__(self, data: WireSnapshot, token: str) -> None:
         super().__init__()
         self._uid, self._version, self._dirs, self._index = data
         self._token = token
@@ -176,8 +178,9 @@ class TaskStore(SharedStore):
         return f"<TaskStore of {self._uid} v{self._version}, {len(self._log)} writes>"
 
     # -- engine side ------------------------------------------------------------------------
-    def _finish(self, ok: bool) -> list[LogOp]:
-        """End the call: unmap, free unused segments; return the log (empty on failure)."""
+    def _finish(self, ok: bool) -> list[WireOp]:
+        """End the call: unmap, free unused segments; return the log (empty on failure),
+        ready to cross to the driver."""
         self._maps.close()
         # Never close the task's writable maps: an array the task kept (a global, a cache)
         # would then point at unmapped memory. Dropping them unmaps once no array is left.
@@ -190,7 +193,7 @@ class TaskStore(SharedStore):
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        return log
+        return log_to_wire(log)
 
     def _compact(self) -> list[LogOp]:
         # Only the last put of a key matters when nothing else touched it in between;
