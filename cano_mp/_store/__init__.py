@@ -10,18 +10,18 @@
       | _take_snapshot(), once per store version
       v
     shared.Snapshot (keeps its segments alive)
-      .data() = records.SnapshotData(store_uid, ---------> view.TaskStore(data, token)
+      .data() = records.SnapshotData(store_uid, ---------> view.TaskStore(snapshot, token)
                 version, dirs, index)                        reads: own writes, then the
-      pickled once per version (engine's Blob)               index; segments mapped
-                                                             read-only, zero-copy
-                                                           writes: an overlay + a write log;
-                                                             large values -> new segment
-                                                             files "<token>-<n>"
-                                                           _finish(ok) -> the log
-    DriverStore._commit(log)   <------------------------  [Put | Delete | Append | Clear]
-      only when the attempt succeeded, in branch-index        (records; compacted)
-      order for a split; the segments the log names
-      are adopted by the index
+      serialise_snapshot(): a plain tuple, pickled           index; segments mapped
+      once per version (the engine's Blob)                   read-only, zero-copy
+                                                           writes: an overlay + a write log
+                                                             of records (Put, Delete,
+                                                             Append, Clear); large values ->
+                                                             new files "<token>-<n>"
+    DriverStore._commit(log)   <------------------------  _finish(ok): the log, compacted,
+      only when the attempt succeeded, in branch-index        as plain tuples (log_to_wire)
+      order for a split; named again (log_from_wire),
+      its segments adopted by the index
     discard_segments(dirs, token): a failed, timed-out,
       crashed or cancelled attempt's files, by its token
 
@@ -33,8 +33,9 @@ What each module owns:
   (``isinstance`` holds in a task), but neither inherits the other's machinery.
 - ``shared``: ``DriverStore`` (index, segments, lock, snapshots, commits) and ``Snapshot``.
 - ``view``: ``TaskStore`` and ``ReadOnlyStore`` (``BatchTask.process``), built per call.
-- ``records``: the named records that cross a process boundary (``SnapshotData``, the
-  write-log operations).
+- ``records``: the records that cross a process boundary (``SnapshotData``, the write-log
+  operations): named types in code, plain tuples on the wire (pickle looks a named type's
+  class up by import on both sides of every message; see its docstring for the cost).
 - ``codec``: encoding values (pickle protocol 5, buffers out of band, in segments).
 - ``shm``: private segment directories and files (the security checks live there);
   ``janitor``: removing what killed processes left.

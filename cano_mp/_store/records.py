@@ -13,8 +13,9 @@ On the wire they are plain tuples, made and read only here (:func:`serialise_sna
 :func:`log_to_wire`, :func:`log_from_wire`). Pickle writes a named type as a reference to
 its class, which it resolves by importing the class's module on both sides of every message:
 ~3 µs per message in a warm loop, and enough more in a pool worker between calls that a
-200-state chain whose tasks each write one key ran 10-18 % slower (paired runs against plain
-tuples, ``scripts/bench.py``-style chains). A plain tuple pickles with no lookup at all.
+200-state chain whose tasks each write one key ran 10-18 % slower than with plain tuples
+(paired runs of ``scripts/bench.py``'s chain, with a write added). A plain tuple pickles
+with no lookup at all.
 """
 
 from __future__ import annotations
