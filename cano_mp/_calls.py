@@ -30,7 +30,7 @@ import cloudpickle
 from . import _context
 from ._context import TaskContext, _LazyContext, _set_context
 from ._errors import Terminated
-from ._store import ReadOnlyStore, SnapshotData, TaskStore
+from ._store import ReadOnlyStore, TaskStore, WireSnapshot
 from ._task import Node, Task
 from ._wire import ChunkOutcome, ItemFailed, Timing, UnitOutcome, encode_error, short_repr
 
@@ -127,7 +127,7 @@ def run_unit_call(
     cancelled: Callable[[], bool],
     deadline: float | None,
     units: Sequence[UnitSpec],
-    snap: SnapshotData,
+    snap: WireSnapshot,
     index: int,
     attempt: int,
     run_id: str,
@@ -195,7 +195,7 @@ def run_batch_chunk(
     control: Callable[[], bool],
     deadline: float | None,
     units: Sequence[UnitSpec],
-    snap: SnapshotData,
+    snap: WireSnapshot,
     index: int,
     payload: Any,
     first: int | Sequence[int],

@@ -59,9 +59,9 @@ from cano_mp import (
     TaskConfig,
     WorkerCrashed,
     Workflow,
-    _shm,
     task,
 )
+from cano_mp._store import shm as _shm
 from cano_mp._wire import Call, WorkerDied
 
 RETRY = TaskConfig(retry=RetryPolicy.exponential(5, base_delay=0.05))

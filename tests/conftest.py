@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from cano_mp import InlineExecutor, ProcessExecutor, SharedStore, _shm
+from cano_mp import InlineExecutor, ProcessExecutor, SharedStore
 from cano_mp._executors import shutdown_shared_pools
+from cano_mp._store import shm as _shm
 
 
 @pytest.fixture(scope="session")

@@ -492,7 +492,8 @@ def test_keyboard_interrupt_stops_a_batch_and_leaves_nothing() -> None:
     out = run_script(
         """
         import psutil
-        from cano_mp import BatchTask, _shm
+        from cano_mp import BatchTask
+        from cano_mp._store import shm as _shm
 
         class Spin(BatchTask):
             def load(self, store):

@@ -206,7 +206,7 @@ def test_no_orphans_or_shared_memory_after_a_killed_driver() -> None:
             SCRIPT_PRELUDE
             + textwrap.dedent(
                 """
-                from cano_mp import _shm
+                from cano_mp._store import shm as _shm
                 ex = ProcessExecutor(2).warm()
                 flow = Workflow(executor=ex).register(S.A, spin, config=TaskConfig.minimal())
                 flow.add_exit_state(S.DONE)
@@ -232,17 +232,17 @@ def test_no_orphans_or_shared_memory_after_a_killed_driver() -> None:
     proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, "workers outlived their killed driver"
-    from cano_mp import _shm
+    from cano_mp._store import janitor
 
     assert os.path.isdir(owner_dir)
-    _shm.run_janitor(force=True)
+    janitor.run_janitor(force=True)
     assert not os.path.exists(owner_dir)
 
 
 def test_interpreter_exit_leaves_no_workers_and_no_shared_memory() -> None:
     out = run_script(
         """
-        from cano_mp import _shm
+        from cano_mp._store import shm as _shm
         ex = ProcessExecutor(2).warm()
         store = SharedStore()
         store["x"] = np.ones(1_000_000)

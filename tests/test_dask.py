@@ -35,10 +35,10 @@ from cano_mp import (  # noqa: E402
     TaskTimeout,
     WorkerCrashed,
     Workflow,
-    _shm,
     task,
     task_context,
 )
+from cano_mp._store import shm as _shm  # noqa: E402
 from cano_mp.dask import DaskExecutor  # noqa: E402
 
 from . import test_batch, test_concurrent, test_split, test_workflow  # noqa: E402

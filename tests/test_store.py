@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import os
+import pickle
+import pickletools
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
 import threading
+from enum import Enum
 
+import cloudpickle
 import numpy as np
 import pytest
 
-from cano_mp import SharedStore, StoreError, StoreKeyError, _shm
-from cano_mp._store import TaskStore
+from cano_mp import ConfigError, InlineExecutor, SharedStore, StoreError, StoreKeyError, Workflow
+from cano_mp._store import (
+    Append,
+    Clear,
+    Delete,
+    DriverStore,
+    Put,
+    ReadOnlyStore,
+    SnapshotData,
+    TaskStore,
+    janitor,
+    log_from_wire,
+    log_to_wire,
+)
+from cano_mp._store import shm as _shm
+from cano_mp._store.byvalue import (
+    hold_snapshot,
+    pack_log,
+    read_segment,
+    release_snapshot,
+    unpack_log,
+    value_snapshot,
+)
 
 
 def segment_files(store: SharedStore) -> list[str]:
@@ -240,7 +265,7 @@ def test_janitor_removes_directories_of_a_killed_owner(tmp_path: object) -> None
         proc.wait()
     owner_dir = os.path.dirname(store_dir)
     assert os.path.isdir(owner_dir)  # SIGKILL: no atexit ran
-    removed = _shm.run_janitor(force=True)
+    removed = janitor.run_janitor(force=True)
     assert owner_dir in removed and not os.path.exists(owner_dir)
 
 
@@ -248,7 +273,7 @@ def test_janitor_keeps_directories_of_live_processes() -> None:
     s = SharedStore()
     try:
         s["arr"] = np.ones(1_000_000)
-        _shm.run_janitor(force=True)
+        janitor.run_janitor(force=True)
         assert s["arr"].sum() == 1_000_000
     finally:
         s.close()
@@ -306,3 +331,105 @@ def test_appending_a_large_item_in_a_task_leaves_only_the_lists_segments(
         assert len(store["parts"]) == 3
         live = {p for e in store._entries.values() for seg in e[1] for p in [seg.path]}
         assert set(segment_files(store)) == live
+
+
+# -- one interface: the driver's store and a task's view --------------------------------------
+
+
+class Kind(Enum):
+    A = 1
+    DONE = 2
+
+
+def record_what_the_task_got(store: SharedStore) -> Kind:
+    store["is_shared_store"] = isinstance(store, SharedStore)
+    store["driver_machinery"] = [
+        n for n in ("_commit", "_take_snapshot", "_run_lock", "_entries") if hasattr(store, n)
+    ]
+    return Kind.DONE
+
+
+def test_a_task_receives_a_shared_store_without_the_drivers_machinery(
+    executor: object, store: SharedStore
+) -> None:
+    flow = Workflow(executor=executor).register(Kind.A, record_what_the_task_got)
+    flow.add_exit_state(Kind.DONE).orchestrate(Kind.A, store=store)
+    assert store["is_shared_store"] is True
+    assert store["driver_machinery"] == []
+
+
+def test_shared_store_builds_the_drivers_store_and_names_its_public_home() -> None:
+    with SharedStore() as s:
+        assert isinstance(s, SharedStore) and isinstance(s, DriverStore)
+        view = ReadOnlyStore(s._take_snapshot().data(), "tro")
+        assert isinstance(view, SharedStore) and not isinstance(view, DriverStore)
+    assert repr(SharedStore) == "<class 'cano_mp.SharedStore'>"
+    assert pickle.loads(pickle.dumps(SharedStore)) is SharedStore
+    assert cloudpickle.loads(cloudpickle.dumps(SharedStore)) is SharedStore
+
+
+@pytest.mark.parametrize("cls", [DriverStore, TaskStore])
+def test_every_store_implements_the_whole_interface(cls: type[SharedStore]) -> None:
+    interface = ("put", "get", "remove", "append", "keys", "clear", "array", "close", "closed")
+    for name in (*interface, "__contains__", "__len__", "__repr__"):
+        assert getattr(cls, name) is not getattr(SharedStore, name), name
+
+
+def test_a_tasks_view_cannot_be_the_store_of_a_run(store: SharedStore) -> None:
+    view = TaskStore(store._take_snapshot().data(), "tnested")
+    flow = Workflow(executor=InlineExecutor()).register(Kind.A, record_what_the_task_got)
+    with pytest.raises(ConfigError, match=r"SharedStore\(\)"):
+        flow.add_exit_state(Kind.DONE).orchestrate(Kind.A, store=view)
+    assert "is_shared_store" not in store
+
+
+# -- what crosses the process boundary: named records ----------------------------------------
+
+
+def names_a_class(pickled: bytes) -> bool:
+    return any(op.name in ("GLOBAL", "STACK_GLOBAL") for op, _, _ in pickletools.genops(pickled))
+
+
+def test_the_write_log_is_named_records_sent_as_plain_tuples(store: SharedStore) -> None:
+    store["gone"] = 1
+    snapshot = store._take_snapshot()
+    snap = snapshot.data()
+    assert isinstance(snap, SnapshotData) and snap.store_uid and snap.index.keys() == {"gone"}
+    sent = pickle.loads(snapshot.serialised())
+    assert type(sent) is tuple and sent == snap and not names_a_class(snapshot.serialised())
+    view = TaskStore(sent, "tlog")
+    view["a"] = 1
+    view["a"] = 2  # the first put is overwritten: compacted away
+    view.append("l", 3)
+    del view["gone"]
+    view["big"] = np.ones(300_000)
+    wire = view._finish(True)
+    assert not names_a_class(pickle.dumps(wire))  # no class to look up on the other side
+    log = log_from_wire(pickle.loads(pickle.dumps(wire)))
+    assert [type(op) for op in log] == [Put, Append, Delete, Put]
+    assert [op.key for op in log] == ["a", "l", "gone", "big"]
+    assert log_to_wire(log) == wire
+    store._commit(wire)
+    assert store["a"] == 2 and store["l"] == [3] and "gone" not in store
+    cleared = TaskStore(store._take_snapshot().data(), "tclear")
+    cleared.clear()
+    assert log_from_wire(cleared._finish(True)) == [Clear()]
+
+
+def test_a_snapshot_and_a_log_travel_by_value(store: SharedStore) -> None:
+    store["arr"] = np.arange(100_000.0)
+    shipped = value_snapshot(store._take_snapshot().data())
+    data = hold_snapshot(shipped, [read_segment(ref) for ref in shipped.sources])
+    try:
+        assert isinstance(data, SnapshotData) and data.store_uid == shipped.store_uid
+        view = TaskStore(data, "tbyvalue")
+        assert view["arr"].sum() == np.arange(100_000.0).sum()
+        view["out"] = view["arr"] * 2
+        packed, segments = pack_log(view._finish(True))
+    finally:
+        release_snapshot(shipped)
+    assert segments and not any(os.path.exists(p) for p in segments)  # read, then deleted
+    log = unpack_log(packed, segments, store._dirs)
+    assert [type(op) for op in log_from_wire(log)] == [Put]
+    store._commit(log)
+    assert np.array_equal(store["out"], np.arange(100_000.0) * 2)

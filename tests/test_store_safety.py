@@ -31,8 +31,9 @@ from cano_mp import (
     TaskError,
     WorkerCrashed,
     Workflow,
-    _shm,
 )
+from cano_mp._store import janitor
+from cano_mp._store import shm as _shm
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTACKER_UID = 65534  # nobody: tests run as root and chown what the "attacker" makes
@@ -42,7 +43,7 @@ import os, sys, time, signal, threading
 from enum import Enum
 import numpy as np
 from cano_mp import *
-from cano_mp import _shm
+from cano_mp._store import shm as _shm
 
 class S(Enum):
     A = 1
@@ -177,7 +178,7 @@ def test_janitor_ignores_other_users_and_symlinks(tmp_path: Path) -> None:
         os.utime(theirs, (0, 0))  # old: would count as dead if it were ours
         os.chown(theirs, ATTACKER_UID, ATTACKER_UID)
         link.symlink_to(target)
-        removed = _shm.run_janitor(force=True)
+        removed = janitor.run_janitor(force=True)
         assert str(theirs) not in removed and theirs.is_dir()
         assert link.is_symlink() and (target / "precious").read_text() == "keep me"
     finally:
@@ -480,7 +481,7 @@ def test_janitor_keeps_a_live_store_of_another_pid_namespace() -> None:
         store_dir = proc.stdout.readline().strip()
         # its pid in its namespace (1 or 2) means nothing here
         assert os.path.basename(os.path.dirname(store_dir)).split("-")[1] in ("1", "2")
-        removed = _shm.run_janitor(force=True)
+        removed = janitor.run_janitor(force=True)
         assert os.path.dirname(store_dir) not in removed and os.path.isdir(store_dir)
         proc.stdin.write("go\n")
         proc.stdin.flush()

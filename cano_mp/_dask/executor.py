@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import distributed  # type: ignore[import-not-found, unused-ignore]
 
-from .._byvalue import unpack_log
 from .._errors import CanoError, ConfigError
 from .._executors.base import Capabilities, ExecutorBase, Job, JobFuture
+from .._store.byvalue import unpack_log
 from .._wire import CANCELLED, Call, WorkerDied
 from .control import Controller
 from .jobs import DaskJob, GatherFailed, drain, resolve
@@ -342,7 +342,7 @@ class DaskExecutor(ExecutorBase):
         if data:
             snap = next(b.obj for b in job.call.blobs if b.category == "snapshot")
             try:
-                out = out._replace(log=unpack_log(out.log, data, snap[2]))
+                out = out._replace(log=unpack_log(out.log, data, snap.dirs))
             except Exception as exc:
                 self._finish(job, error=exc)
                 return

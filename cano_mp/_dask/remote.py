@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from .._byvalue import ValueSnapshot, hold_snapshot, pack_log, release_snapshot
 from .._errors import CanoError
+from .._store.byvalue import ValueSnapshot, hold_snapshot, pack_log, release_snapshot
 from .._wire import BLOB_CACHE_SIZES, BlobCache, UnitOutcome
 
 __all__ = [

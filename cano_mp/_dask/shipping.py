@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .._byvalue import read_segment, value_snapshot
+from .._store.byvalue import read_segment, value_snapshot
 from .._wire import BLOB_CACHE_SIZES, Blob, BlobCache
 from .remote import Inline
 
@@ -89,7 +89,7 @@ class Shipper:
     def snapshot(self, blob: Blob) -> Shipped:
         """The snapshot ``blob`` as shipped (again, where Dask lost some of it)."""
         data = blob.obj
-        uid, version = data[0], data[1]
+        uid, version = data.store_uid, data.version
         with self._lock:
             shipped = self._snapshots.get(uid)
             if (
@@ -128,7 +128,7 @@ class Shipper:
             self._segments[name] = fut
         return Shipped(
             version,
-            data[2],
+            data.dirs,
             index,
             tuple(self._segments[name] for name in snap.segments),
             snap.segments,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ from .. import _signals
 from .._executors import Executor
 from .._log import get_logger
 from .._observe import Observers, RunInfo
-from .._store import SharedStore, Snapshot
+from .._store import SharedStore, Snapshot, serialise_snapshot
 from .._wire import Blob
 from .plan import Frozen, Quota, StateEntry, describe
 from .scope import CANCEL_GRACE, RunScope
@@ -173,9 +172,5 @@ def snapshot_blob(snap: Snapshot) -> Snapshot:
         # The blob must not refer back to the snapshot: a cycle would keep the snapshot,
         # and the segments it keeps alive, until the cyclic garbage collector runs.
         data = snap.data()
-        snap.blob = Blob(snap.key, data, "snapshot", functools.partial(_dumps, data))
+        snap.blob = Blob(snap.key, data, "snapshot", functools.partial(serialise_snapshot, data))
     return snap
-
-
-def _dumps(data: Any) -> bytes:
-    return pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)

@@ -12,7 +12,7 @@ from typing import Any
 from .._errors import CanoError, Terminated, TransitionError, WorkflowTimeout
 from .._executors import Executor, capabilities, progress_reader
 from .._observe import Observers, RunInfo
-from .._store import SharedStore
+from .._store import SharedStore, driver_store
 from .plan import Frozen, Quota, UnitRef, describe
 
 __all__ = ["CANCEL_GRACE", "RunCancelled", "RunScope"]
@@ -45,7 +45,7 @@ class RunScope:
     ) -> None:
         self.plan = frozen.plan
         self.units = frozen.units  # every unit of the plan, as pickled for this run
-        self.store = store
+        self.store = driver_store(store)  # a task's view cannot be a run's store
         self.executor = executor
         self.caps = capabilities(executor)
         self.progress = progress_reader(executor)  # which item a chunk is on, if it can tell

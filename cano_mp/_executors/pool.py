@@ -42,9 +42,10 @@ from typing import Any
 
 from loky.backend.context import get_context
 
-from .. import _shm
 from .._errors import CanoError
 from .._log import get_logger
+from .._store import shm as _shm
+from .._store.janitor import run_janitor
 from .._wire import (
     CANCELLED,
     BlobCache,
@@ -100,7 +101,7 @@ class Pool:
         initializer: Callable[..., Any] | None,
         initargs: tuple[Any, ...],
     ) -> None:
-        _shm.run_janitor()
+        run_janitor()
         self.max_workers = max_workers
         self._initializer = initializer
         self._initargs = initargs

@@ -16,7 +16,7 @@ from typing import Any
 
 import cloudpickle
 
-from .. import _shm
+from .._store import shm as _shm
 from .._wire import BlobCache, InitFailed, Raised, RunCall
 from .flags import SLOT_BYTES, CallControl
 from .logs import ForwardLogs

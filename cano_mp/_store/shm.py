@@ -27,7 +27,7 @@ never unmapped under a live array: an array handed out by the store keeps its ``
 object alive, and the kernel keeps an unlinked file's pages until the last mapping goes.
 
 What a crash leaves: ``SharedStore.close()`` removes its directory, an ``atexit`` hook (and
-cano_mp's SIGTERM handler) the process directory. After a SIGKILL, :func:`run_janitor` —
+cano_mp's SIGTERM handler) the process directory. After a SIGKILL, ``janitor.run_janitor`` —
 run once by every cano_mp process that touches shared memory — removes a directory only if
 it can take the owner's ``flock`` (the kernel drops it when the owner dies, whatever PID
 namespace it ran in), only if it is owned by our uid, never following symlinks; it first
@@ -50,11 +50,11 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
-from ._errors import StoreError
-from ._log import get_logger
+from .._errors import StoreError
+from .._log import get_logger
 
 __all__ = [
     "PREFIX",
@@ -63,11 +63,11 @@ __all__ = [
     "create_writable",
     "map_readonly",
     "open_private",
+    "own_dirs",
     "process_dir",
     "process_dirs",
     "read_segment_bytes",
     "record_process_group",
-    "run_janitor",
     "segment_dirs",
     "write_segment",
 ]
@@ -83,8 +83,6 @@ GROUPS_NAME = ".groups"
 OWNER_ENV = "CANO_MP_OWNER"
 # Keep this much free on tmpfs after a write: a cheap early fallback before ENOSPC.
 SHM_FREE_MARGIN = 64 * 1024 * 1024
-# A process directory without a lock file is being made: leave it alone this long.
-YOUNG_DIR_SECONDS = 60.0
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -93,7 +91,6 @@ _lock = threading.RLock()  # re-entered by the SIGTERM handler (main thread)
 _created: dict[str, str] = {}  # root -> this process's directory under it
 _lock_fds: dict[str, int] = {}  # directory -> fd holding its owner lock
 _owner_pid: int | None = None
-_janitor_done = False
 _warned_fallback = False
 
 T = TypeVar("T")
@@ -190,7 +187,7 @@ def process_dir(root: str) -> str:
 
 def _install_sigterm_cleanup() -> None:
     try:
-        from . import _signals
+        from .. import _signals
 
         _signals.install()
     except Exception:  # pragma: no cover - never fail a store over a signal handler
@@ -216,6 +213,12 @@ def process_dirs() -> list[str]:
         if _owner_pid != os.getpid():
             return []
         return [d for d in _created.values() if os.path.isdir(d)]
+
+
+def own_dirs() -> set[str]:
+    """This process's directories, existing or not (the janitor never touches them)."""
+    with _lock:
+        return set(_created.values()) if _owner_pid == os.getpid() else set()
 
 
 def remove_process_dirs() -> None:
@@ -437,130 +440,3 @@ class Segment:
 
     def __repr__(self) -> str:
         return f"<Segment {self.path} {self.nbytes} bytes>"
-
-
-# -- the janitor ---------------------------------------------------------------------------
-def _candidates() -> Iterator[str]:
-    for root in _roots():
-        try:
-            names = os.listdir(root)
-        except OSError:
-            continue
-        for name in names:
-            if name.startswith(PREFIX):
-                yield os.path.join(root, name)
-
-
-def _take_dead_owner_lock(path: str) -> int | None:
-    """An fd holding the owner lock of ``path`` if its owner is gone, else None.
-
-    Only real directories of our uid are considered; nothing is followed.
-    """
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        return None
-    try:
-        dfd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        try:
-            fd = os.open(LOCK_NAME, os.O_RDWR | _O_NOFOLLOW, dir_fd=dfd)
-        except FileNotFoundError:
-            return _legacy_or_young(path, st)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None  # alive (in this PID namespace or another)
-        return fd
-    finally:
-        os.close(dfd)
-
-
-def _legacy_or_young(path: str, st: os.stat_result) -> int | None:
-    # No lock file: a directory of cano_mp 0.1 (named by pid and start time), or one whose
-    # owner is between mkdir and creating its lock.
-    import time
-
-    if time.time() - st.st_mtime < YOUNG_DIR_SECONDS:
-        return None
-    name = os.path.basename(path)
-    try:
-        pid_s, start_s = name[len(PREFIX) :].split("-", 1)
-        pid, start = int(pid_s), int(start_s)
-    except ValueError:
-        return -1  # an old, unlocked directory of ours with a random name: dead
-    import psutil
-
-    try:
-        created = int(psutil.Process(pid).create_time() * 100)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return -1
-    except psutil.Error:
-        return None
-    return None if abs(created - start) <= 1 else -1
-
-
-def _kill_leftover_groups(path: str) -> None:
-    """Kill what is left of a dead owner's worker process groups (children of its tasks)."""
-    try:
-        fd = os.open(os.path.join(path, GROUPS_NAME), os.O_RDONLY | _O_NOFOLLOW)
-    except OSError:
-        return
-    try:
-        groups = {int(x) for x in os.read(fd, 1 << 20).split() if x.isdigit()}
-    finally:
-        os.close(fd)
-    if not groups:
-        return
-    import psutil
-
-    marker = os.path.basename(path)
-    for proc in psutil.process_iter(["uids"]):
-        try:
-            if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
-                continue
-            if os.getpgid(proc.pid) not in groups:
-                continue
-            if proc.environ().get(OWNER_ENV) != marker:
-                continue  # a reused process-group id: not the dead owner's
-            proc.kill()
-            log.info("killed process %s left by a dead cano_mp process's task", proc.pid)
-        except (psutil.Error, OSError):
-            continue
-
-
-def run_janitor(force: bool = False) -> list[str]:
-    """Remove directories left by cano_mp processes that are gone; return what was removed.
-
-    Runs once per process unless ``force``.
-    """
-    global _janitor_done
-    if _janitor_done and not force:
-        return []
-    _janitor_done = True
-    removed = []
-    with _lock:
-        own = set(_created.values()) if _owner_pid == os.getpid() else set()
-    for path in _candidates():
-        if path in own:
-            continue
-        fd = _take_dead_owner_lock(path)
-        if fd is None:
-            continue
-        try:
-            _kill_leftover_groups(path)
-            shutil.rmtree(path, ignore_errors=True)  # fd-based: never follows symlinks
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        if not os.path.lexists(path):
-            removed.append(path)
-            log.info("removed shared memory left by a dead cano_mp process: %s", path)
-    return removed

@@ -1,7 +1,7 @@
 """The store by value: snapshots and write logs for workers that cannot map the driver's files.
 
 On one machine a snapshot's large values are segment files that workers map without copying
-(see ``_store``). A worker on another machine — a Dask worker — cannot open those files, so
+(see ``view``). A worker on another machine — a Dask worker — cannot open those files, so
 what would be shared is sent instead::
 
     driver                                           worker (another machine)
@@ -10,7 +10,7 @@ what would be shared is sent instead::
       index with each segment renamed "@value:<path>"  -> SnapshotData over this process's
       + the segments' paths; their bytes are read        own directories; the renamed
       (read_segment) and sent once per version           segments are served from memory
-                                                         (_store.HELD_SEGMENTS), zero-copy
+                                                         (view.HELD_SEGMENTS), zero-copy
                                                        fn(...) runs against a TaskStore as usual
     unpack_log(log, bytes, store dirs)       <------  pack_log(write log): the segments the
       each segment written again as a file               call created are read into bytes and
@@ -18,7 +18,7 @@ what would be shared is sent instead::
       the engine commits (and discards by token)
       exactly as for its own pool
 
-Everything here is a pure transformation of the formats in ``_codec`` and ``_store``; moving
+Everything here is a pure transformation of the formats in ``codec`` and ``records``; moving
 the bytes between machines is the executor's job (``cano_mp.dask``).
 """
 
@@ -30,9 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _shm
-from ._codec import Encoded, Ref, all_refs
-from ._store import HELD_SEGMENTS, WRITABLE_SEGMENTS, LogOp, SnapshotData
+from .codec import Encoded, Ref, all_refs
+from .janitor import run_janitor
+from .records import Append, Dirs, LogOp, Put, SnapshotData, WireOp, log_from_wire, log_to_wire
+from .shared import WRITABLE_SEGMENTS
+from .shm import read_segment_bytes, segment_dirs, write_segment
+from .view import HELD_SEGMENTS
 
 __all__ = [
     "VALUE_PREFIX",
@@ -46,6 +49,8 @@ __all__ = [
     "worker_dirs",
 ]
 
+_WITH_VALUE = (Put, Append)  # the write-log operations that carry an encoded value
+
 # How a segment sent by value is named in a worker. Not a path that can exist, so that a
 # lookup that misses fails loudly ("segment is gone") instead of mapping a file that only
 # happens to be there because the worker runs on the driver's machine.
@@ -57,7 +62,7 @@ class ValueSnapshot:
     """A store snapshot as it travels by value (once per store version).
 
     Attributes:
-        store_uid: the store's id (``SnapshotData[0]``).
+        store_uid: the store's id (``SnapshotData.store_uid``).
         version: the store version.
         index: key -> encoded value, each segment renamed ``VALUE_PREFIX + driver path``.
         segments: the renamed segments; their bytes travel beside, in this order.
@@ -88,7 +93,7 @@ def value_snapshot(data: SnapshotData) -> ValueSnapshot:
     and reuse it across store versions; a segment that ``SharedStore.array()`` handed out
     writable may change between versions, so its name carries the version too.
     """
-    uid, version, _dirs, index = data
+    uid, version, index = data.store_uid, data.version, data.index
     names: dict[str, str] = {}
     sources: list[Ref] = []
 
@@ -108,17 +113,17 @@ def value_snapshot(data: SnapshotData) -> ValueSnapshot:
 
 def read_segment(ref: Ref) -> bytes:
     """The bytes of a segment file (driver side: to send them by value)."""
-    return _shm.read_segment_bytes(ref[0], ref[1])
+    return read_segment_bytes(ref[0], ref[1])
 
 
 # -- worker side -----------------------------------------------------------------------------
 
 _lock = threading.Lock()
 _holds: dict[str, int] = {}
-_dirs: tuple[str | None, str] | None = None
+_dirs: Dirs | None = None
 
 
-def worker_dirs() -> tuple[str | None, str]:
+def worker_dirs() -> Dirs:
     """This process's own segment directories (tmpfs when usable, and the temp dir).
 
     Created once per process, removed at its exit; the janitor of any later cano_mp process
@@ -126,8 +131,8 @@ def worker_dirs() -> tuple[str | None, str]:
     """
     global _dirs
     if _dirs is None:
-        _shm.run_janitor()
-        _dirs = _shm.segment_dirs(f"w{os.getpid()}")
+        run_janitor()
+        _dirs = segment_dirs(f"w{os.getpid()}")
     return _dirs
 
 
@@ -152,7 +157,7 @@ def hold_snapshot(snap: ValueSnapshot, data: Sequence[Any]) -> SnapshotData:
             if count == 0:
                 HELD_SEGMENTS[name] = _as_view(buf)
             _holds[name] = count + 1
-    return (snap.store_uid, snap.version, worker_dirs(), snap.index)
+    return SnapshotData(snap.store_uid, snap.version, worker_dirs(), snap.index)
 
 
 def release_snapshot(snap: ValueSnapshot) -> None:
@@ -168,16 +173,16 @@ def release_snapshot(snap: ValueSnapshot) -> None:
                 _holds[name] = count
 
 
-def pack_log(log: list[LogOp]) -> tuple[list[LogOp], dict[str, bytes]]:
+def pack_log(log: list[WireOp]) -> tuple[list[WireOp], dict[str, bytes]]:
     """Read the segments a successful call's write log refers to, and delete their files.
 
     Returns the log unchanged (its references name this worker's files) and their bytes by
     path, for :func:`unpack_log` in the driver.
     """
     data: dict[str, bytes] = {}
-    for op in log:
-        if len(op) == 3:
-            for ref in all_refs(op[2]):
+    for op in log_from_wire(log):
+        if isinstance(op, _WITH_VALUE):
+            for ref in all_refs(op.enc):
                 if ref[0] not in data:
                     data[ref[0]] = read_segment(ref)
     for path in data:
@@ -188,9 +193,7 @@ def pack_log(log: list[LogOp]) -> tuple[list[LogOp], dict[str, bytes]]:
     return log, data
 
 
-def unpack_log(
-    log: list[LogOp], data: Mapping[str, Any], dirs: tuple[str | None, str]
-) -> list[LogOp]:
+def unpack_log(log: list[WireOp], data: Mapping[str, Any], dirs: Dirs) -> list[WireOp]:
     """Write a packed log's segments into a store's directories (driver side) and return
     the log with its references renamed to them.
 
@@ -207,7 +210,7 @@ def unpack_log(
             if not name or name.startswith(".") or name != path.rsplit("/", 1)[-1]:
                 raise ValueError(f"unexpected segment name {path!r} in a write log")
             view = _as_view(buf)
-            target = _shm.write_segment(dirs, name, view)
+            target = write_segment(dirs, name, view)
             written[path] = (target, view.nbytes)
     except BaseException:
         for ref in written.values():
@@ -221,9 +224,9 @@ def unpack_log(
         return written[ref[0]]
 
     out: list[LogOp] = []
-    for op in log:
-        if len(op) == 3:
-            out.append((op[0], op[1], _map_enc(op[2], rename)))
+    for op in log_from_wire(log):
+        if isinstance(op, _WITH_VALUE):
+            out.append(type(op)(op.key, _map_enc(op.enc, rename)))
         else:
             out.append(op)
-    return out
+    return log_to_wire(out)
