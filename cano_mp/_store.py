@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import _shm
-from ._codec import Encoded, Ref, all_refs, buffer_address, decode, encode
+from ._codec import INLINE_PAYLOAD_MAX, Encoded, Ref, all_refs, buffer_address, decode, encode
 from ._errors import StoreError, StoreKeyError
 
 if TYPE_CHECKING:
@@ -420,6 +420,26 @@ class SharedStore:
     def _discard(self, token: str) -> None:
         """Remove the segments an attempt created (it failed or was cancelled)."""
         discard_segments(self._dirs, token)
+
+    # -- checkpoints (cano_mp._checkpoint) ----------------------------------------------------
+    def _put_encoded(
+        self, key: str, payload: bytes | memoryview, buffers: list[memoryview]
+    ) -> None:
+        """Store a value given as its pickle and its out-of-band buffers, as ``encode`` would
+        have stored it (a checkpoint being restored): buffers into new segments."""
+        with self._lock:
+            self._check_open()
+            try:
+                refs = tuple(self._write(b) for b in buffers)
+                body = (
+                    bytes(payload)
+                    if len(payload) <= INLINE_PAYLOAD_MAX
+                    else self._write(memoryview(payload))
+                )
+                enc: Encoded = (body, refs)
+                self._set(key, (enc, self._adopt(enc)))
+            finally:
+                self._pending = []
 
 
 def discard_segments(dirs: tuple[str | None, str], token: str) -> None:
