@@ -28,12 +28,14 @@ from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
 from ._retry import RetryPolicy, TaskConfig
+from ._stepped import Done, SteppedTask
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
 from ._wire import RemoteError
 from ._workflow import Workflow
 
 if TYPE_CHECKING:
+    from ._checkpoint import CheckpointStore, RunRecord
     from ._concurrent import ConcurrentResult, ConcurrentWorkflow, InstanceResult, WaitStrategy
     from ._metrics import MetricsObserver
     from ._scheduler import Backoff, FlowInfo, FlowStatus, Scheduler
@@ -47,6 +49,8 @@ _LAZY = {
     "InstanceResult": "_concurrent",
     "WaitStrategy": "_concurrent",
     "MetricsObserver": "_metrics",
+    "CheckpointStore": "_checkpoint",
+    "RunRecord": "_checkpoint",
     "Backoff": "_scheduler",
     "FlowInfo": "_scheduler",
     "FlowStatus": "_scheduler",
@@ -86,9 +90,11 @@ __all__ = [
     "Backoff",
     "BatchTask",
     "CanoError",
+    "CheckpointStore",
     "ConcurrentResult",
     "ConcurrentWorkflow",
     "ConfigError",
+    "Done",
     "Executor",
     "FlowInfo",
     "FlowStatus",
@@ -106,10 +112,12 @@ __all__ = [
     "RemoteError",
     "RetryPolicy",
     "RunInfo",
+    "RunRecord",
     "Scheduler",
     "SharedStore",
     "SplitResult",
     "StoreError",
+    "SteppedTask",
     "StoreKeyError",
     "Task",
     "TaskCancelled",

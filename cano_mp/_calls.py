@@ -30,6 +30,7 @@ import cloudpickle
 from . import _context
 from ._context import TaskContext, _LazyContext, _set_context
 from ._errors import Terminated
+from ._stepped import CONTINUE
 from ._store import ReadOnlyStore, TaskStore, WireSnapshot
 from ._task import Node, Task
 from ._wire import ChunkOutcome, ItemFailed, Timing, UnitOutcome, encode_error, short_repr
@@ -53,6 +54,8 @@ class UnitSpec:
         self._index: dict[Any, int] | None = None
 
     def encode_state(self, value: Any) -> tuple[str, Any]:
+        if value is CONTINUE:  # a SteppedTask goes on
+            return ("v", value)
         if self._index is None:
             self._index = {s: i for i, s in enumerate(self.table)}
         try:

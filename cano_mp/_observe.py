@@ -94,6 +94,15 @@ class Observer:
     ) -> None:
         """A run ended: ``final_state`` on success, ``error`` on failure."""
 
+    def on_checkpoint(self, run: RunInfo, state: Any, seq: int, bytes_written: int) -> None:
+        """A checkpoint of the run (number ``seq``) was committed as it entered ``state``
+        (or after a SteppedTask's step); ``bytes_written``: data files written for it (0
+        for arrays that did not change)."""
+
+    def on_resume(self, run: RunInfo, state: Any, seq: int) -> None:
+        """A run resumes at ``state`` (its recorded name), its store restored from
+        checkpoint ``seq``."""
+
 
 class AttemptObserver(Observer):
     """Base of observers that report each task attempt once, complete, with its best

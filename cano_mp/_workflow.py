@@ -9,7 +9,7 @@ import threading
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 from ._batch import BatchTask, batch_problems
 from ._durations import limit, seconds
@@ -29,6 +29,7 @@ from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
 from ._retry import TaskConfig
+from ._stepped import SteppedTask, StepUnit, cursor_key
 from ._store import SharedStore
 from ._task import (
     Node,
@@ -39,6 +40,11 @@ from ._task import (
     unit_config,
     unit_name,
 )
+
+if TYPE_CHECKING:
+    import os
+
+    from ._checkpoint import CheckpointStore
 
 __all__ = ["Workflow"]
 
@@ -54,6 +60,7 @@ class _Registration:
     configs: list[TaskConfig]
     join: JoinConfig[Any] | None
     problems: list[str]
+    compensate: Any = None  # a Task run when a later failure rolls the run back
 
 
 def _label(state: object) -> str:
@@ -91,6 +98,12 @@ class Workflow(Generic[S]):
         observers: :class:`Observer` objects notified as runs progress.
         cancel_grace: seconds a timed-out or cancelled call gets to return by itself
             before its worker is killed (finite: timed-out work must be stopped).
+        checkpoint: a path (an embedded SQLite database, data files beside it) or a
+            :class:`CheckpointStore`: each state entered is checkpointed with the store's
+            contents, and :meth:`resume` continues a run that failed or crashed.
+        checkpoint_keep: keep a completed run's data files (default: released).
+        checkpoint_durability: ``"normal"`` (survives a crash of the process) or
+            ``"fsync"`` (survives a power loss; slower).
 
     Durations are float seconds or ``datetime.timedelta``; ``nan`` and negatives are a
     :class:`ConfigError`.
@@ -107,7 +120,15 @@ class Workflow(Generic[S]):
         name: str | None = None,
         observers: Iterable[Observer] = (),
         cancel_grace: float | timedelta = CANCEL_GRACE,
+        checkpoint: str | os.PathLike[str] | CheckpointStore | None = None,
+        checkpoint_keep: bool = False,
+        checkpoint_durability: Literal["normal", "fsync"] = "normal",
     ) -> None:
+        self._checkpoint_arg = _checkpoint_arg(checkpoint, checkpoint_durability)
+        self._checkpoint: CheckpointStore | None = None
+        self.checkpoint_keep = bool(checkpoint_keep)
+        self.checkpoint_durability = checkpoint_durability
+        self.last_run_id: str | None = None
         if store is not None and not isinstance(store, SharedStore):
             raise ConfigError(f"store must be a SharedStore, got {store!r}")
         if (
@@ -179,14 +200,32 @@ class Workflow(Generic[S]):
             unit = self._wrappers[id(task)] = as_unit(task, what=what)
         return unit
 
-    def register(self, state: S, task: TaskLike, *, config: TaskConfig | None = None) -> Self:
-        """Run ``task`` (a Task, a Node, a ``@task`` function or ``fn(store)``) in ``state``.
+    def register(
+        self,
+        state: S,
+        task: TaskLike | SteppedTask[S, Any],
+        *,
+        config: TaskConfig | None = None,
+        compensate: TaskLike | None = None,
+    ) -> Self:
+        """Run ``task`` (a Task, a Node, a ``@task`` function, ``fn(store)``, a BatchTask
+        or a SteppedTask) in ``state``.
 
-        ``config`` overrides the task's own ``config``. Registering a state again (with
+        ``config`` overrides the task's own ``config``. ``compensate`` (``fn(store)`` or a
+        Task, run in the pool with its own retry policy) undoes the state's work when the
+        run later fails: see :meth:`orchestrate`. Registering a state again (with
         ``register`` or ``register_split``) replaces what it ran.
         """
         self._check_state(state, "register()")
-        unit = self._as_unit(task, f"register({_label(state)})")
+        if isinstance(task, SteppedTask):
+            unit: Any = StepUnit(task, cursor_key(_label(state)))
+        else:
+            unit = self._as_unit(task, f"register({_label(state)})")
+        comp = None
+        if compensate is not None:
+            comp = self._as_unit(compensate, f"register({_label(state)}, compensate=...)")
+            if isinstance(comp, BatchTask):
+                raise ConfigError(f"register({_label(state)}): compensate cannot be a BatchTask")
         if config is not None and not isinstance(config, TaskConfig):
             raise ConfigError(f"config must be a TaskConfig, got {config!r}")
         problems: list[str] = []
@@ -197,7 +236,7 @@ class Workflow(Generic[S]):
             cfg = TaskConfig()
         if isinstance(unit, BatchTask):
             problems.extend(batch_problems(unit))
-        return self._add(_Registration(state, [unit], [cfg], None, problems))
+        return self._add(_Registration(state, [unit], [cfg], None, problems, comp))
 
     def register_split(self, state: S, tasks: Iterable[TaskLike], join: JoinConfig[S]) -> Self:
         """Run ``tasks`` in parallel in ``state``; continue as ``join`` decides.
@@ -357,8 +396,16 @@ class Workflow(Generic[S]):
                             )
                         )
                     batch = reg.join is None and isinstance(reg.units[0], BatchTask)
-                    entries[state] = StateEntry(state, refs, reg.join, batch)
-                self._plan = Plan(self.name, entries, frozenset(self._exits), table)
+                    stepped = reg.join is None and isinstance(reg.units[0], StepUnit)
+                    if stepped:
+                        reg.units[0].enums = _enums(table)  # type: ignore[union-attr]
+                    entries[state] = StateEntry(state, refs, reg.join, batch, stepped)
+                comps = {
+                    state: _compensation_ref(reg, table, next(index), self.name)
+                    for state, reg in self._regs.items()
+                    if reg.compensate is not None
+                }
+                self._plan = Plan(self.name, entries, frozenset(self._exits), table, comps)
                 self._plan_version = self._version
             return self._plan
 
@@ -375,15 +422,39 @@ class Workflow(Generic[S]):
         initial_state: S | None = None,
         *,
         frozen: Frozen | None = None,
+        run_id: str | None = None,
     ) -> Run:
         """A run of this workflow on ``store`` (default: the workflow's own), from
         ``initial_state`` (default: ``start``), validated and ready: ``run.run()`` drives
         it in the calling thread, ``run.cancel()`` stops it from another. The one way
-        ``ConcurrentWorkflow`` and ``Scheduler`` start runs."""
+        ``ConcurrentWorkflow`` and ``Scheduler`` start runs. With a checkpoint, the run is
+        recorded under ``run_id`` (default: a new uuid4 hex; an existing id is a
+        ``ConfigError``)."""
         if store is not None and not isinstance(store, SharedStore):
             raise ConfigError(f"store must be a SharedStore, got {store!r}")
         if frozen is None:
             frozen = self.freeze()
+        cs = self.checkpoint_store
+        if cs is not None:
+            from ._resume import new_run_id
+
+            run_id = new_run_id(run_id)
+        run = self._make_run(frozen, store, self.initial_state(initial_state), run_id)
+        if cs is not None:
+            from ._resume import checkpointed_run
+
+            checkpointed_run(self, run, cs, self.checkpoint_keep)
+        self.last_run_id = run.run_id
+        return run
+
+    def _make_run(
+        self,
+        frozen: Frozen,
+        store: SharedStore | None,
+        initial: Any,
+        run_id: str | None,
+        completed: list[Any] | None = None,
+    ) -> Run:
         return Run(
             frozen,
             store if store is not None else self.store,
@@ -392,8 +463,19 @@ class Workflow(Generic[S]):
             timeout=self.timeout,
             quota=self._quota,
             cancel_grace=self.cancel_grace,
-            initial=self.initial_state(initial_state),
+            initial=initial,
+            run_id=run_id,
+            completed=completed,
         )
+
+    @property
+    def checkpoint_store(self) -> CheckpointStore | None:
+        """The :class:`CheckpointStore` of ``Workflow(checkpoint=...)``, or None."""
+        if self._checkpoint is None and self._checkpoint_arg is not None:
+            from ._resume import open_store
+
+            self._checkpoint = open_store(self._checkpoint_arg, self.checkpoint_durability)
+        return self._checkpoint
 
     def initial_state(self, initial_state: S | None = None) -> S:
         """The state a run starts in: ``initial_state``, else ``start``; ``ConfigError``
@@ -406,36 +488,83 @@ class Workflow(Generic[S]):
             )
         return state
 
-    def orchestrate(self, initial_state: S | None = None, *, store: SharedStore | None = None) -> S:
+    def orchestrate(
+        self,
+        initial_state: S | None = None,
+        *,
+        store: SharedStore | None = None,
+        run_id: str | None = None,
+    ) -> S:
         """Run the workflow from ``initial_state`` (or ``start``) to an exit state; block.
 
         Returns the exit state reached. Raises ``TaskError`` (a task failed for good),
         ``TransitionError``, ``JoinError``, ``WorkflowTimeout`` or ``ConfigError``. On
-        failure the store is as the last successful state committed it. Ctrl-C stops the
-        run's work promptly and re-raises ``KeyboardInterrupt``; the pool stays usable.
+        failure the store is as the last successful state committed it — then, when states
+        were registered with ``compensate=``, the compensations of the states that
+        completed run, last first, and the error carries ``.compensated`` and
+        ``.compensation_errors``. Ctrl-C stops the run's work promptly and re-raises
+        ``KeyboardInterrupt``; the pool stays usable. ``run_id`` names the run (with a
+        checkpoint: a new id, resumable with :meth:`resume`; ``last_run_id`` tells it).
         """
-        result: S = self.start_run(store, initial_state).run()
+        result: S = self.start_run(store, initial_state, run_id=run_id).run()
         return result
 
+    def resume(self, run_id: str, *, store: SharedStore | None = None) -> S:
+        """Continue run ``run_id`` of this workflow's checkpoint: its store (the workflow's,
+        or ``store``) is restored as checkpointed when the run entered its last state, and
+        the run goes on from that state (whose task runs again: make tasks idempotent).
+
+        A completed run returns its final state at once, running nothing and leaving the
+        store alone. ``ConfigError``: no checkpoint, an unknown run, one another process
+        runs now, one that was rolled back, or a recorded state this workflow lacks.
+        """
+        made = self._resumed(run_id, store)
+        if not isinstance(made, Run):
+            final: S = made.state
+            return final
+        result: S = made.run()
+        return result
+
+    def _resumed(self, run_id: str, store: SharedStore | None) -> Any:
+        if store is not None and not isinstance(store, SharedStore):
+            raise ConfigError(f"store must be a SharedStore, got {store!r}")
+        cs = self.checkpoint_store
+        if cs is None:
+            raise ConfigError(
+                f"workflow {self.name!r} has no checkpoint: build it with "
+                "Workflow(checkpoint='runs.db') to resume runs"
+            )
+        from ._resume import resumed_run
+
+        def make(frozen: Frozen, state: Any, rid: str, completed: list[Any]) -> Run:
+            return self._make_run(frozen, store, state, rid, completed)
+
+        made = resumed_run(self, cs, self.checkpoint_keep, run_id, make)
+        self.last_run_id = run_id
+        return made
+
     async def orchestrate_async(
-        self, initial_state: S | None = None, *, store: SharedStore | None = None
+        self,
+        initial_state: S | None = None,
+        *,
+        store: SharedStore | None = None,
+        run_id: str | None = None,
     ) -> S:
         """``orchestrate()`` for asyncio: the run's driver runs in a thread.
 
         Cancelling the awaiting task cancels the run's work.
         """
-        import asyncio  # not at module level: it costs ~10 ms of import time
+        result: S = await _drive_async(self.start_run(store, initial_state, run_id=run_id))
+        return result
 
-        run = self.start_run(store, initial_state)
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, run.run)
-        try:
-            result: S = await asyncio.shield(fut)
-            return result
-        except asyncio.CancelledError:
-            run.cancel()
-            await asyncio.wait([fut])
-            raise
+    async def resume_async(self, run_id: str, *, store: SharedStore | None = None) -> S:
+        """``resume()`` for asyncio, as :meth:`orchestrate_async` is for orchestrate."""
+        made = self._resumed(run_id, store)
+        if not isinstance(made, Run):
+            final: S = made.state
+            return final
+        result: S = await _drive_async(made)
+        return result
 
     # -- showing -------------------------------------------------------------------------
     def to_mermaid(self) -> str:
@@ -502,3 +631,39 @@ class Workflow(Generic[S]):
             f"<Workflow {self.name!r}: {len(self._regs)} states, exits "
             f"{[_label(s) for s in self._exits]}>"
         )
+
+
+async def _drive_async(run: Run) -> Any:
+    import asyncio  # not at module level: it costs ~10 ms of import time
+
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, run.run)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        run.cancel()
+        await asyncio.wait([fut])
+        raise
+
+
+def _checkpoint_arg(checkpoint: object, durability: object) -> Any:
+    import os
+
+    if durability not in ("normal", "fsync"):
+        raise ConfigError(f"checkpoint_durability must be 'normal' or 'fsync', got {durability!r}")
+    if checkpoint is None or isinstance(checkpoint, str | os.PathLike):
+        return checkpoint
+    if type(checkpoint).__name__ == "CheckpointStore":
+        return checkpoint
+    raise ConfigError(f"checkpoint must be a path or a CheckpointStore, got {checkpoint!r}")
+
+
+def _enums(table: tuple[Any, ...]) -> tuple[type[enum.Enum], ...]:
+    return tuple(dict.fromkeys(type(s) for s in table if isinstance(s, enum.Enum)))
+
+
+def _compensation_ref(reg: _Registration, table: tuple[Any, ...], index: int, wf: str) -> Any:
+    unit = reg.compensate
+    return make_unit_ref(
+        unit, f"compensate {unit_name(unit)}", unit_config(unit), None, reg.state, table, index, wf
+    )

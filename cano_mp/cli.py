@@ -5,13 +5,15 @@
     cano-mp run   PATH.py:NAME | module:NAME [--state MEMBER] [--workers N] [--log-level LEVEL]
                   [--set KEY=JSON ...] [--store-json FILE]
     cano-mp graph PATH.py:NAME | module:NAME [--log-level LEVEL]
+    cano-mp runs  DB                                  the runs a checkpoint database holds
+    cano-mp resume PATH.py:NAME RUN_ID --checkpoint DB [--workers N] [--log-level LEVEL]
     cano-mp serve PATH.py:NAME | module:NAME [--status-file PATH] [--stop-timeout S]
                   [--log-level LEVEL]
 
-Exit codes: 0 success (for ``serve``: a graceful stop on SIGINT / SIGTERM), 1 the workflow
-failed (the error and the worker's traceback on stderr; for ``serve``: running flows had to
-be cancelled at the stop timeout), 2 bad usage or configuration (one clear line), 130
-interrupted (Ctrl-C during ``run``).
+Exit codes (``resume`` as ``run``): 0 success (for ``serve``: a graceful stop on SIGINT /
+SIGTERM), 1 the workflow failed (the error and the worker's traceback on stderr; for
+``serve``: running flows had to be cancelled at the stop timeout), 2 bad usage or
+configuration (one clear line), 130 interrupted (Ctrl-C during ``run``).
 
 Targets are imported as ``python -m`` would: ``run`` and ``graph`` put the current directory
 on the import path (unless ``python -P`` / ``PYTHONSAFEPATH``); ``serve`` does not add it
@@ -239,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
         "(default 30; inf: no limit)",
     )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
+    from ._cli_runs import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -323,9 +328,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     flow.validate()
     for key, value in seed.items():
         flow.store[key] = value
+    return run_reported(flow, lambda: flow.orchestrate(initial))
+
+
+def run_reported(flow: Workflow[Any], run: Any) -> int:
+    """Call ``run()``; print the final state (0), or the failure and the worker's
+    traceback on stderr (1). ConfigError goes up (exit code 2)."""
     started = time.monotonic()
     try:
-        final = flow.orchestrate(initial)
+        final = run()
     except (TaskError, CanoError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -352,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command in ("runs", "resume"):
+            from ._cli_runs import run_command
+
+            return run_command(args, sys.modules[__name__])
         _logging(args.log_level)
         flow = load_target(args.target, cwd_on_path=True)
         sys.stdout.write(flow.to_mermaid())

@@ -24,6 +24,8 @@ Groups and cases:
     batch   tiny      100,000 items of x * 2 vs joblib, ProcessPoolExecutor.map, Pool.map
             medium    2,000 items of ~5 ms CPU: speedup over sequential, vs joblib
             memory    a generator of 5,000,000 items: the driver's peak RSS
+    checkpoint checkpoint chain with checkpoints on vs off; a 200 MB array's checkpoint vs
+                       np.save (and with fsync); bytes written for a state that left it alone
 
 Each number is the median of several timed repetitions, taken after untimed warm-up runs
 on pools started beforehand. The contenders of a comparison run interleaved (one
@@ -1237,6 +1239,137 @@ def case_memory(o: Opts) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# checkpoint
+# ----------------------------------------------------------------------------------------
+
+CKPT_MB = 200
+
+
+def _ckpt_once(arr: Any, folder: str, durability: str) -> Callable[[], None]:
+    """One checkpoint of a store holding ``arr`` into a fresh database in ``folder``."""
+    from cano_mp._checkpoint import CheckpointStore
+    from cano_mp._checkpoint.capture import Capture
+
+    store = SharedStore()
+    store["a"] = arr
+
+    def run() -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        db = os.path.join(folder, "b.db")
+        cs = CheckpointStore(db, durability=durability)  # type: ignore[arg-type]
+        cs.create_run("r", "bench")
+        with cs.files.lock(exclusive=False):
+            entries, refs = Capture(cs.files).entries(store._take_snapshot())
+            cs.save("r", 1, "A", entries, {}, refs)
+        cs.release("r")
+        cs.close()
+
+    return run
+
+
+def _np_save(arr: Any, folder: str, fsync: bool) -> Callable[[], None]:
+    import numpy as np
+
+    def run() -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        path = os.path.join(folder, "a.npy")
+        with open(path, "wb") as f:
+            np.save(f, arr)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    return run
+
+
+def case_checkpoint(o: Opts) -> None:
+    import numpy as np
+
+    from cano_mp import Observer
+
+    n = o.workers
+    header("checkpoint", f"{CHAIN}-state chain, checkpoint on vs off; {CKPT_MB} MB array")
+    tmp = tempfile.mkdtemp(prefix="cano-bench-ckpt-", dir=os.getcwd())
+    try:
+        ex = cano_executor(n)
+        flows = {}
+        for on in (False, True):
+            flow: Workflow[int] = Workflow(
+                start=0, executor=ex, checkpoint=os.path.join(tmp, "c.db") if on else None
+            )
+            for s in range(CHAIN):
+                flow.register(s, chain_step)
+            flows[on] = flow.add_exit_state(CHAIN)
+        with SharedStore() as store:
+            store["small"] = {"k": list(range(10))}
+            t = measure(
+                {
+                    "off": lambda: flows[False].orchestrate(store=store),
+                    "on": lambda: flows[True].orchestrate(store=store),
+                },
+                o.reps(5),
+                warmup=1,
+            )
+        row("per transition, checkpoint off", fmt_time(t["off"] / CHAIN))
+        row("per transition, checkpoint on", fmt_time(t["on"] / CHAIN))
+        ratio("on / off", t["on"] / t["off"], "≤ 2x", t["on"] / t["off"] <= 2)
+        arr = np.random.default_rng(0).random(CKPT_MB * MB // 8)
+        folder = os.path.join(tmp, "big")
+        t = measure(
+            {
+                "ckpt": _ckpt_once(arr, folder, "normal"),
+                "npsave": _np_save(arr, folder, False),
+                "ckpt_fsync": _ckpt_once(arr, folder, "fsync"),
+                "npsave_fsync": _np_save(arr, folder, True),
+            },
+            o.reps(3),
+        )
+        row(f"checkpoint of a {CKPT_MB} MB array", fmt_time(t["ckpt"]))
+        row("np.save of it, same directory", fmt_time(t["npsave"]))
+        vs_save = t["ckpt"] / t["npsave"]
+        ratio("checkpoint / np.save", vs_save, "≤ 1.3x", vs_save <= 1.3)
+        row("checkpoint, durability='fsync'", fmt_time(t["ckpt_fsync"]))
+        row("np.save + fsync", fmt_time(t["npsave_fsync"]))
+        ratio("fsync checkpoint / np.save + fsync", t["ckpt_fsync"] / t["npsave_fsync"])
+
+        written: list[int] = []
+
+        class Bytes(Observer):
+            def on_checkpoint(self, run: Any, state: Any, seq: int, bytes_written: int) -> None:
+                written.append(bytes_written)
+
+        def make(store: Any) -> str:
+            store["big"] = np.ones(CKPT_MB * MB // 8)
+            return "touch"
+
+        def other(store: Any) -> str:
+            store["n"] = store.get("n", 0) + 1
+            return "again" if store["n"] == 1 else "end"
+
+        flow2: Workflow[str] = (
+            Workflow(
+                start="make", executor=ex, checkpoint=os.path.join(tmp, "d.db"), observers=[Bytes()]
+            )
+            .register("make", make)
+            .register("touch", other)
+            .register("again", other)
+            .add_exit_state("end")
+        )
+        with SharedStore() as store:
+            flow2.orchestrate(store=store)
+        row("bytes written: the checkpoint after the array was made", f"{written[1]:>11}")
+        row(
+            "bytes written: a state that did not touch the array",
+            f"{written[-1]:>11}",
+            f"(goal 0 for the array: {met(written[-1] == 0)})",
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
 
@@ -1258,6 +1391,7 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "tiny": case_tiny,
     "medium": case_medium,
     "memory": case_memory,
+    "checkpoint": case_checkpoint,
 }
 GROUPS = {
     "core": ["chain", "inline", "bigdata", "startup"],
@@ -1267,6 +1401,7 @@ GROUPS = {
     "scheduler": ["lateness", "idle", "drift"],
     "observe": ["observe"],
     "dask": ["dask"],
+    "checkpoint": ["checkpoint"],
 }
 GROUPS["all"] = (
     GROUPS["core"]

@@ -18,7 +18,7 @@ CONTRACT = [
     "FlowStatus", "Observer", "RunInfo", "ProcessExecutor", "InlineExecutor", "Executor",
     "CanoError", "ConfigError", "TransitionError", "TaskError", "TaskTimeout", "WorkerCrashed",
     "JoinError", "WorkflowTimeout", "StoreError", "StoreKeyError", "Terminated",
-    "task_context", "TaskContext",
+    "task_context", "TaskContext", "CheckpointStore", "RunRecord", "SteppedTask",
 ]  # fmt: skip
 
 

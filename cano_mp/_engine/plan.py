@@ -47,6 +47,7 @@ class StateEntry:
     units: list[UnitRef]
     join: JoinConfig[Any] | None  # None: a plain task
     batch: bool = False  # a BatchTask (join is None)
+    stepped: bool = False  # a SteppedTask (join is None): one call per step
 
 
 @dataclass(eq=False)
@@ -57,6 +58,7 @@ class Plan:
     entries: dict[Any, StateEntry]
     exits: frozenset[Any]
     table: tuple[Any, ...]
+    compensations: dict[Any, UnitRef] = field(default_factory=dict)  # register(compensate=)
     _layout: tuple[tuple[UnitSpec, ...], tuple[Any, ...], bytes] | None = field(
         default=None, init=False, repr=False
     )
@@ -66,7 +68,11 @@ class Plan:
         change between runs (states, names, the state table) is pickled once per plan."""
         if self._layout is None:
             refs = sorted(
-                (r for e in self.entries.values() for r in e.units), key=lambda r: r.index
+                [
+                    *(r for e in self.entries.values() for r in e.units),
+                    *self.compensations.values(),
+                ],
+                key=lambda r: r.index,
             )
             position: dict[int, int] = {}
             objects: list[Any] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _signals
 from .._executors import Executor
@@ -14,8 +14,12 @@ from .._observe import Observers, RunInfo
 from .._store import SharedStore, Snapshot, serialise_snapshot
 from .._wire import Blob
 from .plan import Frozen, Quota, StateEntry, describe
+from .recovery import compensable, rollback, run_stepped
 from .scope import CANCEL_GRACE, RunScope
 from .task_state import TaskState
+
+if TYPE_CHECKING:
+    from .._checkpoint.session import Session
 
 __all__ = ["Run"]
 
@@ -42,6 +46,9 @@ class Run:
         quota: Quota | None,
         cancel_grace: float = CANCEL_GRACE,
         initial: Any = _NO_INITIAL,
+        run_id: str | None = None,
+        checkpoint: Session | None = None,
+        completed: list[Any] | None = None,
     ) -> None:
         self.scope = RunScope(
             frozen,
@@ -51,9 +58,14 @@ class Run:
             timeout=timeout,
             quota=quota,
             cancel_grace=cancel_grace,
+            run_id=run_id,
         )
         self.initial = initial
         self.state: Any = None
+        self.checkpoint = checkpoint
+        self.rolled_back = False
+        # the states whose work committed, in order: what a rollback compensates
+        self.completed: list[Any] = completed if completed is not None else []
 
     @property
     def run_id(self) -> str:
@@ -91,15 +103,23 @@ class Run:
         holds_store = False
         _signals.install()
         _signals.register_run(self)
+        ckpt = self.checkpoint
+        track = bool(scope.plan.compensations) or ckpt is not None
         try:
             scope.check_known(state, None)
             holds_store = self.hold_store(state)
+            if ckpt is not None:
+                ckpt.begin(scope.store)
             while True:
                 if obs:
                     obs.emit("on_state_enter", scope.info, state)
                 if state in scope.plan.exits:
                     return state
+                if ckpt is not None:
+                    ckpt.enter(scope.store, state)
                 nxt = self.run_state(scope.plan.entries[state])
+                if track:
+                    self.state_done(state)
                 if log.isEnabledFor(logging.INFO):
                     log.info(
                         "%s run %s: %s -> %s",
@@ -109,12 +129,30 @@ class Run:
                 state = self.state = nxt
         except BaseException as exc:
             error = exc
+            if scope.plan.compensations and compensable(exc):
+                self.roll_back(exc)
             raise
         finally:
-            if holds_store:
-                scope.store._run_lock.release()
-            _signals.unregister_run(self)
-            self.ended(state, error, time.monotonic() - started)
+            try:
+                if ckpt is not None:
+                    ckpt.end(state, error, rolled_back=self.rolled_back)
+            finally:
+                if holds_store:
+                    scope.store._run_lock.release()
+                _signals.unregister_run(self)
+                self.ended(state, error, time.monotonic() - started)
+
+    def state_done(self, state: Any) -> None:
+        self.completed.append(state)
+        if self.checkpoint is not None:
+            self.checkpoint.completed(state)
+
+    def roll_back(self, error: BaseException) -> None:
+        """Compensate the completed states; the error tells what was undone."""
+        done, errors = rollback(self, self.completed)
+        self.rolled_back = True
+        error.compensated = done  # type: ignore[attr-defined]
+        error.compensation_errors = errors  # type: ignore[attr-defined]
 
     def ended(self, state: Any, error: BaseException | None, duration: float) -> None:
         scope = self.scope
@@ -152,10 +190,16 @@ class Run:
             if lock.acquire(timeout=wait):
                 return True
 
+    def snapshot(self) -> Snapshot:
+        """The store as last committed, ready to send."""
+        return snapshot_blob(self.scope.store._take_snapshot())
+
     def run_state(self, entry: StateEntry) -> Any:
         """Run one state's work on a snapshot of the store; return the next state."""
         scope = self.scope
         snap = snapshot_blob(scope.store._take_snapshot())
+        if entry.stepped:
+            return run_stepped(self, entry)
         if entry.batch:
             from .batch_state import BatchState  # imported on first use: import time
 

@@ -42,6 +42,7 @@ class RunScope:
         timeout: float | None,
         quota: Quota | None,
         cancel_grace: float = CANCEL_GRACE,
+        run_id: str | None = None,
     ) -> None:
         self.plan = frozen.plan
         self.units = frozen.units  # every unit of the plan, as pickled for this run
@@ -53,7 +54,7 @@ class RunScope:
         self.timeout = timeout
         self.quota = quota
         self.cancel_grace = cancel_grace
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = run_id if run_id is not None else uuid.uuid4().hex[:12]
         self.info = RunInfo(self.run_id, self.plan.name)
         self.wake = threading.Event()
         self.deadline: float | None = None

@@ -110,6 +110,7 @@ class FlowOptions(TypedDict, total=False):
     max_overlap: int
     backoff: Backoff | None
     trip_after: int | None
+    resume_unfinished: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +157,7 @@ class FlowSpec:
     backoff: Backoff | None = None
     trip_after: int | None = None
     instances: Instances | None = None
+    resume_unfinished: bool = False  # start() resumes the workflow's unfinished run
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -208,7 +210,33 @@ class FlowSpec:
             found.append(f"trip_after must be an int >= 1, got {self.trip_after!r}")
         if self.instances is not None:
             found.extend(self.instances.problems())
+        if not isinstance(self.resume_unfinished, bool):
+            found.append(f"resume_unfinished must be a bool, got {self.resume_unfinished!r}")
+        elif self.resume_unfinished and (
+            self.instances is not None or self.workflow._checkpoint_arg is None
+        ):
+            found.append(
+                "resume_unfinished=True needs a workflow with a checkpoint "
+                "(Workflow(checkpoint=...)) and no concurrent instances"
+            )
         return found
+
+    def unfinished_run(self) -> str | None:
+        """The id of the workflow's latest run that can be resumed (failed, or crashed:
+        recorded as running by a process that is gone), if any."""
+        cs = self.workflow.checkpoint_store
+        if cs is None:
+            return None
+        found = [
+            r
+            for r in cs.runs()
+            if r.workflow == self.workflow.name
+            and r.resumable
+            and r.status != "completed"
+            and not r.live
+            and r.seq > 0
+        ]
+        return found[-1].run_id if found else None
 
     @property
     def kind(self) -> Literal["every", "cron", "manual"]:
@@ -239,6 +267,7 @@ class FlowState:
     next_due: float | None = None  # the next scheduled tick; None: none (yet)
     next_due_wall: datetime | None = None
     triggers: int = 0  # trigger() calls the scheduler thread has not handled yet
+    resume_id: str | None = None  # the next run resumes this one (resume_unfinished)
     queued: Literal["tick", "trigger"] | None = None  # overlap="queue": what waits
     running: set[Cancellable] = field(default_factory=set)
     waiting: int = 0  # handed to the run pool, not started yet

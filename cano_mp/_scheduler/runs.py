@@ -23,8 +23,9 @@ __all__ = ["Job"]
 class Job:
     """A run of ``spec``, made and not started yet."""
 
-    def __init__(self, spec: FlowSpec) -> None:
+    def __init__(self, spec: FlowSpec, resume_id: str | None = None) -> None:
         self.spec = spec
+        self._finished: Any = None  # a resumed run that had completed: its final state
         # A fresh store per run unless the flow has its own; instances make their own.
         self._owned: SharedStore | None = None
         self._runner: Run | _Execution[Any] | None = None
@@ -37,7 +38,14 @@ class Job:
                 store = spec.store
                 if store is None:
                     store = self._owned = SharedStore()
-                self._runner = spec.workflow.start_run(store, spec.initial)
+                if resume_id is not None:
+                    made = spec.workflow._resumed(resume_id, store)
+                    if isinstance(made, Run):
+                        self._runner = made
+                    else:
+                        self._finished = made
+                else:
+                    self._runner = spec.workflow.start_run(store, spec.initial)
         except Exception as exc:
             self._error = exc
 
@@ -58,6 +66,8 @@ class Job:
         """Run to the end: ``(what happened, in words; the error or None)``."""
         runner = self._runner
         try:
+            if runner is None and self._finished is not None:
+                return f"completed at {describe(self._finished.state)}", None
             if runner is None:
                 assert self._error is not None
                 return "failed", self._error

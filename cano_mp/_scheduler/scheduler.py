@@ -134,6 +134,10 @@ class Scheduler(Registration):
             mono, wall = time.monotonic(), _wall_now()
             for flow in self._flows.values():
                 arm(flow.spec, flow.state, mono, wall)
+                if flow.spec.resume_unfinished:
+                    flow.state.resume_id = flow.spec.unfinished_run()
+                    if flow.state.resume_id is not None and flow.spec.kind != "every":
+                        flow.state.triggers += 1  # "every" flows run at start() anyway
             self._thread = threading.Thread(
                 target=self._loop, name="cano_mp-scheduler", daemon=True
             )
@@ -368,7 +372,9 @@ class Scheduler(Registration):
     def _run_flow(self, flow: Flow, due: float) -> None:
         spec, state = flow.spec, flow.state
         started = time.monotonic()
-        job = Job(spec)  # a fresh store is made outside the scheduler's lock
+        with self._lock:
+            resume_id, state.resume_id = state.resume_id, None
+        job = Job(spec, resume_id)  # a fresh store is made outside the scheduler's lock
         with self._lock:
             begins = not self._stopping
             if begins:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError, StoreError, StoreKeyError
 from .base import MISSING, SharedStore, Writable, appended, check_key, encode_for
-from .codec import Encoded, Ref, all_refs, decode
+from .codec import INLINE_PAYLOAD_MAX, Encoded, Ref, all_refs, decode
 from .janitor import run_janitor
 from .records import (
     Append,
@@ -142,6 +142,25 @@ class DriverStore(SharedStore):
         self._segments[path] = seg
         self._pending.append(seg)
         return (path, data.nbytes)
+
+    def _put_encoded(
+        self, key: str, payload: bytes | memoryview, buffers: list[memoryview]
+    ) -> None:
+        """Store a value given as its pickle and its out-of-band buffers, as ``encode`` would
+        have stored it (a checkpoint being restored): buffers into new segments."""
+        with self._lock:
+            self._check_open()
+            try:
+                refs = tuple(self._write(b) for b in buffers)
+                body: bytes | Ref = (
+                    bytes(payload)
+                    if len(payload) <= INLINE_PAYLOAD_MAX
+                    else self._write(memoryview(payload))
+                )
+                enc: Encoded = (body, refs)
+                self._set(key, (enc, self._adopt(enc)))
+            finally:
+                self._pending = []
 
     def _adopt(self, enc: Encoded) -> tuple[Segment, ...]:
         segs = []

@@ -1,0 +1,267 @@
+"""Checkpoints and resume (issue 16): a run records each state it enters with the store's
+contents, and resume() continues a failed run with its data."""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cano_mp import (
+    CheckpointStore,
+    ConfigError,
+    InlineExecutor,
+    Observer,
+    ProcessExecutor,
+    RunInfo,
+    SharedStore,
+    StoreError,
+    TaskConfig,
+    TaskError,
+    Workflow,
+)
+
+
+class S(enum.Enum):
+    LOAD = 1
+    DOUBLE = 2
+    SUM = 3
+    DONE = 4
+
+
+def load(store: SharedStore) -> S:
+    store["rows"] = np.arange(100_000.0)
+    store["count"] = 1
+    return S.DOUBLE
+
+
+def double(store: SharedStore) -> S:
+    if Path(store["marker"]).exists():
+        raise RuntimeError("failing on purpose")
+    store["doubled"] = store["rows"] * 2
+    return S.SUM
+
+
+def total(store: SharedStore) -> S:
+    store["total"] = float(store["doubled"].sum())
+    return S.DONE
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def on_checkpoint(self, run: RunInfo, state: Any, seq: int, bytes_written: int) -> None:
+        self.events.append(("checkpoint", state, seq, bytes_written))
+
+    def on_resume(self, run: RunInfo, state: Any, seq: int) -> None:
+        self.events.append(("resume", state, seq))
+
+
+def pipeline(db: Path, executor: Any, **kw: Any) -> Workflow[S]:
+    return (
+        Workflow(start=S.LOAD, checkpoint=db, executor=executor, **kw)
+        .register(S.LOAD, load)
+        .register(S.DOUBLE, double, config=TaskConfig.minimal())
+        .register(S.SUM, total)
+        .add_exit_state(S.DONE)
+    )
+
+
+@pytest.fixture(params=["process", "inline"])
+def ex(request: pytest.FixtureRequest, pool: ProcessExecutor) -> Any:
+    return pool if request.param == "process" else InlineExecutor()
+
+
+def test_a_failed_run_resumes_with_its_data(tmp_path: Path, ex: Any) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    rec = Recorder()
+    wf = pipeline(tmp_path / "runs.db", ex, observers=[rec])
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r1")
+    assert wf.last_run_id == "r1"
+    (run,) = CheckpointStore(tmp_path / "runs.db").runs()
+    assert (run.run_id, run.status, run.state, run.live) == ("r1", "failed", "DOUBLE", False)
+    assert run.started.tzinfo is UTC and run.updated >= run.started
+    assert [e[:3] for e in rec.events] == [("checkpoint", S.LOAD, 1), ("checkpoint", S.DOUBLE, 2)]
+    marker.unlink()
+    wf.store.clear()  # resume restores the store as it was when DOUBLE was entered
+    assert wf.resume("r1") == S.DONE
+    assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)
+    assert rec.events[-1] == ("resume", "DOUBLE", 2) or ("resume", "DOUBLE", 2) in rec.events
+    assert CheckpointStore(tmp_path / "runs.db").runs()[0].status == "completed"
+
+
+def test_a_completed_run_returns_its_final_state_and_leaves_the_store_alone(
+    tmp_path: Path, pool: ProcessExecutor
+) -> None:
+    wf = pipeline(tmp_path / "runs.db", pool)
+    wf.store["marker"] = str(tmp_path / "absent")
+    assert wf.orchestrate() == S.DONE
+    run_id = wf.last_run_id
+    assert run_id is not None and len(run_id) == 32
+    wf.store.clear()
+    wf.store["mine"] = 1
+    assert wf.resume(run_id) == S.DONE
+    assert wf.store.keys() == ["mine"]
+
+
+def test_an_existing_run_id_is_a_config_error(tmp_path: Path) -> None:
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(tmp_path / "absent")
+    wf.orchestrate(run_id="same")
+    with pytest.raises(ConfigError, match="already exists"):
+        wf.orchestrate(run_id="same")
+
+
+def test_an_unknown_run_and_a_workflow_without_checkpoint_are_config_errors(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match="no run"):
+        pipeline(tmp_path / "runs.db", "inline").resume("nope")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Workflow(start=S.LOAD).register(S.LOAD, load).add_exit_state(S.DONE).resume("x")
+
+
+def test_a_recorded_state_that_no_longer_exists_is_a_clear_config_error(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r")
+
+    class T(enum.Enum):
+        LOAD = 1
+        DONE = 4
+
+    other = (
+        Workflow(start=T.LOAD, checkpoint=tmp_path / "runs.db", executor="inline")
+        .register(T.LOAD, lambda s: T.DONE)
+        .add_exit_state(T.DONE)
+    )
+    with pytest.raises(ConfigError, match="'DOUBLE'"):
+        other.resume("r")
+    marker.unlink()
+    assert wf.resume("r") == S.DONE  # the failed attempt left it resumable
+
+
+def test_a_state_that_did_not_touch_an_array_writes_no_bytes_for_it(tmp_path: Path) -> None:
+    rec = Recorder()
+    wf = pipeline(tmp_path / "runs.db", "inline", observers=[rec])
+    wf.store["marker"] = str(tmp_path / "absent")
+    wf.orchestrate()
+    sizes = [e[3] for e in rec.events]
+    assert sizes[0] < 10_000  # only small values: the store is empty at LOAD
+    assert sizes[1] >= 800_000  # rows
+    assert 800_000 <= sizes[2] < 900_000  # doubled only; rows unchanged: 0 bytes
+
+
+def test_writable_arrays_are_hashed_each_time(tmp_path: Path) -> None:
+    rec = Recorder()
+    store = SharedStore()
+    arr = store.array("a", 1000)
+
+    def fill(s: SharedStore) -> S:
+        arr[:] = 7  # in place, in the driver (inline)
+        return S.SUM
+
+    wf = (
+        Workflow(start=S.LOAD, checkpoint=tmp_path / "r.db", executor="inline", observers=[rec])
+        .register(S.LOAD, lambda s: S.DOUBLE)
+        .register(S.DOUBLE, fill)
+        .register(S.SUM, lambda s: S.DONE)
+        .add_exit_state(S.DONE)
+    )
+    try:
+        wf.orchestrate(store=store)
+    finally:
+        store.close()
+    sizes = [e[3] for e in rec.events]
+    assert sizes[0] == 8000 and sizes[1] == 0 and sizes[2] == 8000
+
+
+def test_success_releases_data_files_unless_kept(tmp_path: Path) -> None:
+    for keep in (False, True):
+        db = tmp_path / f"{keep}.db"
+        wf = pipeline(db, "inline", checkpoint_keep=keep)
+        wf.store["marker"] = str(tmp_path / "absent")
+        wf.orchestrate()
+        files = [f for f in os.listdir(f"{db}.data") if not f.startswith(".")]
+        assert bool(files) is keep
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate()
+    assert stat.S_IMODE(os.stat(tmp_path / "runs.db").st_mode) == 0o600
+    data = tmp_path / "runs.db.data"
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+    for f in os.listdir(data):
+        assert stat.S_IMODE(os.stat(data / f).st_mode) == 0o600
+    os.chmod(data, 0o755)
+    with pytest.raises(StoreError, match="mode 755"):
+        CheckpointStore(tmp_path / "runs.db")
+
+
+def test_delete_and_prune_forget_runs_and_their_data(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(marker)
+    for rid in ("a", "b"):
+        with pytest.raises(TaskError):
+            wf.orchestrate(run_id=rid)
+    cs = CheckpointStore(tmp_path / "runs.db")
+    data = tmp_path / "runs.db.data"
+    assert [f for f in os.listdir(data) if not f.startswith(".")]
+    cs.delete("a")
+    assert [r.run_id for r in cs.runs()] == ["b"]
+    assert cs.prune(older_than=3600) == []
+    assert cs.prune(older_than=0) == ["b"]
+    assert cs.runs() == []
+    assert [f for f in os.listdir(data) if not f.startswith(".")] == []
+
+
+def test_disk_full_fails_the_checkpoint_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cano_mp._checkpoint import files
+
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(tmp_path / "absent")
+    real = files.DataFiles._write_file
+
+    def full(self: Any, tmp: str, view: memoryview) -> None:
+        if view.nbytes >= 800_000:
+            raise OSError(28, "No space left on device")
+        real(self, tmp, view)
+
+    monkeypatch.setattr(files.DataFiles, "_write_file", full)
+    with pytest.raises(StoreError, match="no space left"):
+        wf.orchestrate(run_id="full")
+    (run,) = CheckpointStore(tmp_path / "runs.db").runs()
+    assert (run.state, run.seq, run.status) == ("LOAD", 1, "failed")
+    assert not [f for f in os.listdir(tmp_path / "runs.db.data") if f.endswith(".tmp")]
+    monkeypatch.undo()
+    assert wf.resume("full") == S.DONE
+
+
+def test_two_processes_cannot_resume_one_run(tmp_path: Path) -> None:
+    cs = CheckpointStore(tmp_path / "r.db")
+    cs.create_run("x", "wf")  # owned by this (live) process
+    assert cs.runs()[0].live
+    with pytest.raises(ConfigError, match="right now"):
+        cs.load("x")
