@@ -13,6 +13,7 @@ from ._batch import BatchTask, ItemFailure
 from ._context import TaskContext, task_context
 from ._errors import (
     CanoError,
+    CircuitOpen,
     ConfigError,
     StoreError,
     StoreKeyError,
@@ -28,6 +29,7 @@ from ._executor import Executor, InlineExecutor
 from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
 from ._process import ProcessExecutor
+from ._resilience import CircuitBreaker, MultiRateLimiter, RateLimiter, WindowedRateLimiter
 from ._retry import RetryPolicy, TaskConfig
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
@@ -87,6 +89,8 @@ __all__ = [
     "Backoff",
     "BatchTask",
     "CanoError",
+    "CircuitBreaker",
+    "CircuitOpen",
     "ConcurrentResult",
     "ConcurrentWorkflow",
     "ConfigError",
@@ -100,10 +104,12 @@ __all__ = [
     "JoinConfig",
     "JoinError",
     "JoinStrategy",
+    "MultiRateLimiter",
     "MetricsObserver",
     "Node",
     "Observer",
     "ProcessExecutor",
+    "RateLimiter",
     "RemoteError",
     "RetryPolicy",
     "RunInfo",
@@ -122,6 +128,7 @@ __all__ = [
     "TraceRecorder",
     "TransitionError",
     "WaitStrategy",
+    "WindowedRateLimiter",
     "WorkerCrashed",
     "Workflow",
     "WorkflowTimeout",

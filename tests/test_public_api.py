@@ -19,6 +19,7 @@ CONTRACT = [
     "CanoError", "ConfigError", "TransitionError", "TaskError", "TaskTimeout", "WorkerCrashed",
     "JoinError", "WorkflowTimeout", "StoreError", "StoreKeyError", "Terminated",
     "task_context", "TaskContext",
+    "CircuitBreaker", "CircuitOpen", "RateLimiter", "WindowedRateLimiter", "MultiRateLimiter",
 ]  # fmt: skip
 
 
