@@ -116,14 +116,15 @@ class CircuitBreaker:
         finally:
             cell.unlock()
 
-    def _record(self, success: bool) -> bool:
-        """Record a call's outcome; True when this failure opened the breaker."""
+    def _record(self, success: bool, count: int = 1) -> bool:
+        """Record a call's outcome (``count`` successes); True when this failure opened
+        the breaker."""
         cell = self._cell
         cell.lock()
         try:
             st, fails, opened_at, probes, since, n_open, refused, ok, bad = cell.read()
             if success:
-                cell.write((_CLOSED, 0, opened_at, 0, since, n_open, refused, ok + 1, bad))
+                cell.write((_CLOSED, 0, opened_at, 0, since, n_open, refused, ok + count, bad))
                 return False
             fails, bad = fails + 1, bad + 1
             opens: bool = st == _HALF_OPEN or (st == _CLOSED and fails >= self.failure_threshold)
