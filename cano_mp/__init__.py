@@ -30,6 +30,7 @@ from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
 from ._process import ProcessExecutor
 from ._resilience import CircuitBreaker, MultiRateLimiter, RateLimiter, WindowedRateLimiter
+from ._resilience.resources import Resource
 from ._retry import RetryPolicy, TaskConfig
 from ._store import SharedStore
 from ._task import FunctionTask, Node, Task, task
@@ -111,6 +112,7 @@ __all__ = [
     "ProcessExecutor",
     "RateLimiter",
     "RemoteError",
+    "Resource",
     "RetryPolicy",
     "RunInfo",
     "Scheduler",

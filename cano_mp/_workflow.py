@@ -6,7 +6,7 @@ import enum
 import itertools
 import re
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -29,6 +29,7 @@ from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
 from ._process import ProcessExecutor
+from ._resilience.resources import Resource, ResourceSet
 from ._retry import TaskConfig
 from ._store import SharedStore
 from ._task import (
@@ -92,6 +93,8 @@ class Workflow(Generic[S]):
         observers: :class:`Observer` objects notified as runs progress.
         cancel_grace: seconds a timed-out or cancelled call gets to return by itself
             before its worker is killed (finite: timed-out work must be stopped).
+        resources: :class:`Resource` objects by name, set up once per process on first
+            use (``task_context().resources[name]``); see :meth:`check_health`.
 
     Durations are float seconds or ``datetime.timedelta``; ``nan`` and negatives are a
     :class:`ConfigError`.
@@ -108,6 +111,7 @@ class Workflow(Generic[S]):
         name: str | None = None,
         observers: Iterable[Observer] = (),
         cancel_grace: float | timedelta = CANCEL_GRACE,
+        resources: Mapping[str, Resource[Any]] | None = None,
     ) -> None:
         if store is not None and not isinstance(store, SharedStore):
             raise ConfigError(f"store must be a SharedStore, got {store!r}")
@@ -137,6 +141,9 @@ class Workflow(Generic[S]):
         self.max_parallel = max_parallel
         self.name = name or "workflow"
         self._observers = Observers(observers)
+        if resources is not None and not isinstance(resources, Mapping):
+            raise ConfigError(f"resources must map names to Resource objects, got {resources!r}")
+        self._resources = ResourceSet(resources or {}, name or "workflow") if resources else None
         self.cancel_grace = grace
         self._uid = next(_uids)
         self._regs: dict[Any, _Registration] = {}
@@ -359,9 +366,17 @@ class Workflow(Generic[S]):
                         )
                     batch = reg.join is None and isinstance(reg.units[0], BatchTask)
                     entries[state] = StateEntry(state, refs, reg.join, batch)
-                self._plan = Plan(self.name, entries, frozenset(self._exits), table)
+                self._plan = Plan(
+                    self.name, entries, frozenset(self._exits), table, self._resources
+                )
                 self._plan_version = self._version
             return self._plan
+
+    def check_health(self) -> dict[str, bool]:
+        """Each resource's health: its ``health()`` on the driver's instance now (set up if
+        needed; a failing setup is ``False``), and-ed with the last verdict a worker
+        recorded after setting it up. ``{}`` without resources."""
+        return self._resources.check_health() if self._resources is not None else {}
 
     # -- running -------------------------------------------------------------------------
     def freeze(self) -> Frozen:

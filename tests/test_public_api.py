@@ -20,6 +20,7 @@ CONTRACT = [
     "JoinError", "WorkflowTimeout", "StoreError", "StoreKeyError", "Terminated",
     "task_context", "TaskContext",
     "CircuitBreaker", "CircuitOpen", "RateLimiter", "WindowedRateLimiter", "MultiRateLimiter",
+    "Resource",
 ]  # fmt: skip
 
 

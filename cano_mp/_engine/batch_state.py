@@ -34,7 +34,7 @@ import cloudpickle
 
 from .._batch import BatchTask, ItemFailure, batch_problems
 from .._calls import run_batch_chunk
-from .._context import TaskContext, _set_context
+from .._context import NO_RESOURCES, TaskContext, _set_context
 from .._errors import ConfigError, TaskError
 from .._executor import Executor
 from .._log import get_logger
@@ -84,7 +84,14 @@ class BatchState:
         self.progress_of = None if self.inline else traits.progress
         self.token = scope.new_token()
         self.view = TaskStore(snap.data(), self.token)  # load() and finish() see one view
-        self.ctx = TaskContext(scope.run_id, self.state, 1, None, scope.is_cancelled)
+        self.ctx = TaskContext(
+            scope.run_id,
+            self.state,
+            1,
+            None,
+            scope.is_cancelled,
+            resources=ref.spec.resources or NO_RESOURCES,
+        )
         self.b = Items()
         self.seq = itertools.count()
         self.source: Any = None
