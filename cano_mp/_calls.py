@@ -79,10 +79,10 @@ class UnitSpec:
         return self.table[enc[1]] if enc[0] == "i" else enc[1]
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.unit, self.state, self.name, self.table, self.workflow)
+        return (self.unit, self.state, self.name, self.table, self.workflow, self.resources)
 
     def __setstate__(self, st: tuple[Any, ...]) -> None:
-        self.unit, self.state, self.name, self.table, self.workflow = st
+        self.unit, self.state, self.name, self.table, self.workflow, self.resources = st
         self._index = None
 
     def log_tags(self, run_id: str, attempt: int) -> dict[str, Any]:
