@@ -13,6 +13,7 @@ from ._batch import BatchTask, ItemFailure
 from ._context import TaskContext, task_context
 from ._errors import (
     CanoError,
+    CircuitOpen,
     ConfigError,
     StoreError,
     StoreKeyError,
@@ -27,6 +28,8 @@ from ._errors import (
 from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
+from ._resilience import CircuitBreaker, MultiRateLimiter, RateLimiter, WindowedRateLimiter
+from ._resilience.resources import Resource
 from ._retry import RetryPolicy, TaskConfig
 from ._stepped import Done, SteppedTask
 from ._store import SharedStore
@@ -91,6 +94,8 @@ __all__ = [
     "BatchTask",
     "CanoError",
     "CheckpointStore",
+    "CircuitBreaker",
+    "CircuitOpen",
     "ConcurrentResult",
     "ConcurrentWorkflow",
     "ConfigError",
@@ -105,11 +110,14 @@ __all__ = [
     "JoinConfig",
     "JoinError",
     "JoinStrategy",
+    "MultiRateLimiter",
     "MetricsObserver",
     "Node",
     "Observer",
     "ProcessExecutor",
+    "RateLimiter",
     "RemoteError",
+    "Resource",
     "RetryPolicy",
     "RunInfo",
     "RunRecord",
@@ -129,6 +137,7 @@ __all__ = [
     "TraceRecorder",
     "TransitionError",
     "WaitStrategy",
+    "WindowedRateLimiter",
     "WorkerCrashed",
     "Workflow",
     "WorkflowTimeout",

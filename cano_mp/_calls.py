@@ -22,13 +22,13 @@ import os
 import time
 import traceback
 from array import array
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
 
 from . import _context
-from ._context import TaskContext, _LazyContext, _set_context
+from ._context import NO_RESOURCES, TaskContext, _LazyContext, _set_context
 from ._errors import Terminated
 from ._stepped import CONTINUE
 from ._store import ReadOnlyStore, TaskStore, WireSnapshot
@@ -41,16 +41,23 @@ __all__ = ["TaskExit", "UnitSpec", "UnknownState", "run_batch_chunk", "run_unit_
 class UnitSpec:
     """A unit, the state it runs for, and the workflow's state table."""
 
-    __slots__ = ("_index", "name", "state", "table", "unit", "workflow")
+    __slots__ = ("_index", "name", "resources", "state", "table", "unit", "workflow")
 
     def __init__(
-        self, unit: Any, state: Any, name: str, table: tuple[Any, ...], workflow: str = ""
+        self,
+        unit: Any,
+        state: Any,
+        name: str,
+        table: tuple[Any, ...],
+        workflow: str = "",
+        resources: Mapping[str, Any] | None = None,
     ) -> None:
         self.unit = unit
         self.state = state
         self.name = name
         self.table = table
         self.workflow = workflow
+        self.resources = resources  # the workflow's ResourceSet, or None
         self._index: dict[Any, int] | None = None
 
     def encode_state(self, value: Any) -> tuple[str, Any]:
@@ -75,10 +82,10 @@ class UnitSpec:
         return self.table[enc[1]] if enc[0] == "i" else enc[1]
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.unit, self.state, self.name, self.table, self.workflow)
+        return (self.unit, self.state, self.name, self.table, self.workflow, self.resources)
 
     def __setstate__(self, st: tuple[Any, ...]) -> None:
-        self.unit, self.state, self.name, self.table, self.workflow = st
+        self.unit, self.state, self.name, self.table, self.workflow, self.resources = st
         self._index = None
 
     def log_tags(self, run_id: str, attempt: int) -> dict[str, Any]:
@@ -142,7 +149,9 @@ def run_unit_call(
     pid = os.getpid()
     started = time.time()
     store = TaskStore(snap, token)
-    ctx = TaskContext(run_id, spec.state, attempt, deadline, cancelled)
+    ctx = TaskContext(
+        run_id, spec.state, attempt, deadline, cancelled, resources=spec.resources or NO_RESOURCES
+    )
     previous = _set_context(ctx)
     if remote:
         _context.log_tags = spec.log_tags(run_id, attempt)
@@ -226,6 +235,7 @@ def run_batch_chunk(
     # reads it), or in a local cell (inline).
     pos: memoryview = positions() if positions is not None else memoryview(array("q", [0]))
     ctx = _LazyContext(run_id, spec.state, attempt, control, store, indices, pos)
+    ctx.resources = spec.resources or NO_RESOURCES
     chunk = _Chunk(spec.unit.process, items, control, pos, remote)
     previous = _set_context(ctx)
     if remote:

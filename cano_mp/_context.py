@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._store import SharedStore
 
-__all__ = ["TaskContext", "task_context"]
+__all__ = ["NO_RESOURCES", "TaskContext", "task_context"]
+
+NO_RESOURCES: Mapping[str, Any] = MappingProxyType({})
 
 
 def _never() -> bool:
@@ -30,6 +33,8 @@ class TaskContext:
         index: the item's index inside ``BatchTask.process``, else ``None``.
         store: inside ``BatchTask.process``, a read-only view of the store as the batch
             started (read large inputs here, zero-copy); else ``None``.
+        resources: the workflow's resources (``Workflow(resources=...)``) by name; each is
+            set up in this process the first time it is asked for, then kept.
     """
 
     run_id: str
@@ -39,6 +44,9 @@ class TaskContext:
     _flag: Callable[[], bool] = field(default=_never, repr=False, compare=False)
     index: int | None = None
     store: SharedStore | None = field(default=None, repr=False, compare=False)
+    resources: Mapping[str, Any] = field(
+        default_factory=lambda: NO_RESOURCES, repr=False, compare=False
+    )
 
     def cancelled(self) -> bool:
         """True once the engine wants this attempt to stop (timeout, cancellation).
@@ -61,7 +69,17 @@ class _LazyContext:
     """The context of a batch chunk: one object per chunk, a :class:`TaskContext` built
     only when an item asks for it (most never do, and items may take a microsecond)."""
 
-    __slots__ = ("_flag", "_pos", "attempt", "deadline", "indices", "run_id", "state", "store")
+    __slots__ = (
+        "_flag",
+        "_pos",
+        "attempt",
+        "deadline",
+        "indices",
+        "resources",
+        "run_id",
+        "state",
+        "store",
+    )
 
     def __init__(
         self,
@@ -81,6 +99,7 @@ class _LazyContext:
         self.indices = indices
         self._pos = pos  # pos[0]: the position in the chunk of the item running now
         self.deadline: float | None = None
+        self.resources: Mapping[str, Any] = NO_RESOURCES
 
     def build(self) -> TaskContext:
         return TaskContext(
@@ -91,6 +110,7 @@ class _LazyContext:
             self._flag,
             self.indices[self._pos[0]],
             self.store,
+            self.resources,
         )
 
 

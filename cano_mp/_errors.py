@@ -7,7 +7,8 @@
     ├── TransitionError      no task for a state, or a task returned an invalid next state
     ├── TaskError            a task failed for good (``__cause__`` is the original exception)
     │   ├── TaskTimeout      an attempt overran ``TaskConfig.timeout``
-    │   └── WorkerCrashed    the worker process running the task died
+    │   ├── WorkerCrashed    the worker process running the task died
+    │   └── CircuitOpen      a circuit breaker refused the call (it is open)
     ├── JoinError            a split's join strategy could not be satisfied (in ``_join``,
     │                        beside the ``SplitResult`` it carries)
     ├── WorkflowTimeout      ``Workflow(timeout=...)`` expired
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "CanoError",
+    "CircuitOpen",
     "ConfigError",
     "StoreError",
     "StoreKeyError",
@@ -143,6 +145,19 @@ class WorkerCrashed(TaskError):
     ) -> None:
         super().__init__(message, state=state, task_name=task_name, attempts=attempts)
         self.exitcode = exitcode
+
+
+class CircuitOpen(TaskError):
+    """A :class:`CircuitBreaker` refused a call because it is open (or its half-open probes
+    are all taken). Raised as is by ``with breaker:``; an attempt refused by
+    ``TaskConfig(circuit_breaker=...)`` fails with it at once and the retry policy decides.
+
+    ``breaker`` is the breaker's name; ``retry_after`` the seconds until it lets a probe
+    through (0 when half-open).
+    """
+
+    breaker: str = ""
+    retry_after: float = 0.0
 
 
 class TaskCancelled(CanoError):

@@ -81,6 +81,16 @@ class Observer:
     ) -> None:
         """Attempt ``attempt`` failed with ``error``; the next starts after ``delay`` s."""
 
+    def on_circuit_open(self, run: RunInfo, state: Any, task_name: str, breaker: str) -> None:
+        """An attempt of ``task_name`` was refused because circuit breaker ``breaker`` is
+        open: it fails with ``CircuitOpen`` without being sent."""
+
+    def on_rate_wait(
+        self, run: RunInfo, state: Any, task_name: str, limiter: str, delay: float
+    ) -> None:
+        """An attempt (or a batch chunk) of ``task_name`` waits about ``delay`` seconds in the
+        driver for rate limit ``limiter`` before it is sent (once per wait)."""
+
     def on_split_end(self, run: RunInfo, state: Any, result: SplitResult[Any]) -> None:
         """A split's join resolved (successfully or not)."""
 

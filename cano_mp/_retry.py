@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from ._durations import limit, seconds, to_seconds
 from ._errors import ConfigError
+from ._resilience import CircuitBreaker, Limiter
 
 __all__ = ["RetryPolicy", "TaskConfig", "to_seconds"]
 
@@ -128,11 +129,20 @@ class TaskConfig:
     then its worker is terminated) and counts as a failed attempt (``TaskTimeout``).
     ``None`` or ``math.inf`` mean no limit (stored as ``None``); a ``timedelta`` is accepted.
     ``inline=True`` runs the task in the driver process instead of the pool.
+
+    ``circuit_breaker`` is checked before each attempt (each item of a ``BatchTask``): while
+    it is open the attempt fails at once with ``CircuitOpen`` and the retry policy decides,
+    as for any failure; failed, timed-out and crashed attempts count as its failures.
+    ``rate_limit`` (a ``RateLimiter``, ``WindowedRateLimiter`` or ``MultiRateLimiter``) is
+    taken from in the driver before each attempt is sent (one per item of a batch): the
+    wait holds no pool slot and does not count toward ``timeout``.
     """
 
     retry: RetryPolicy = _DEFAULT_RETRY
     timeout: float | None = None
     inline: bool = False
+    circuit_breaker: CircuitBreaker | None = None
+    rate_limit: Limiter | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.retry, RetryPolicy):
@@ -140,6 +150,17 @@ class TaskConfig:
         object.__setattr__(self, "timeout", limit(self.timeout, "timeout"))
         if not isinstance(self.inline, bool):
             raise ConfigError(f"inline must be a bool, got {self.inline!r}")
+        if self.circuit_breaker is not None and not isinstance(
+            self.circuit_breaker, CircuitBreaker
+        ):
+            raise ConfigError(
+                f"circuit_breaker must be a CircuitBreaker, got {self.circuit_breaker!r}"
+            )
+        if self.rate_limit is not None and not isinstance(self.rate_limit, Limiter):
+            raise ConfigError(
+                "rate_limit must be a RateLimiter, WindowedRateLimiter or MultiRateLimiter, "
+                f"got {self.rate_limit!r}"
+            )
 
     @classmethod
     def minimal(cls) -> TaskConfig:

@@ -6,7 +6,7 @@ import enum
 import itertools
 import re
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
@@ -28,6 +28,7 @@ from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
+from ._resilience.resources import Resource, ResourceSet
 from ._retry import TaskConfig
 from ._stepped import SteppedTask, StepUnit, cursor_key
 from ._store import SharedStore
@@ -104,6 +105,8 @@ class Workflow(Generic[S]):
         checkpoint_keep: keep a completed run's data files (default: released).
         checkpoint_durability: ``"normal"`` (survives a crash of the process) or
             ``"fsync"`` (survives a power loss; slower).
+        resources: :class:`Resource` objects by name, set up once per process on first
+            use (``task_context().resources[name]``); see :meth:`check_health`.
 
     Durations are float seconds or ``datetime.timedelta``; ``nan`` and negatives are a
     :class:`ConfigError`.
@@ -123,6 +126,7 @@ class Workflow(Generic[S]):
         checkpoint: str | os.PathLike[str] | CheckpointStore | None = None,
         checkpoint_keep: bool = False,
         checkpoint_durability: Literal["normal", "fsync"] = "normal",
+        resources: Mapping[str, Resource[Any]] | None = None,
     ) -> None:
         self._checkpoint_arg = _checkpoint_arg(checkpoint, checkpoint_durability)
         self._checkpoint: CheckpointStore | None = None
@@ -157,6 +161,9 @@ class Workflow(Generic[S]):
         self.max_parallel = max_parallel
         self.name = name or "workflow"
         self._observers = Observers(observers)
+        if resources is not None and not isinstance(resources, Mapping):
+            raise ConfigError(f"resources must map names to Resource objects, got {resources!r}")
+        self._resources = ResourceSet(resources or {}, name or "workflow") if resources else None
         self.cancel_grace = grace
         self._uid = next(_uids)
         self._regs: dict[Any, _Registration] = {}
@@ -405,9 +412,17 @@ class Workflow(Generic[S]):
                     for state, reg in self._regs.items()
                     if reg.compensate is not None
                 }
-                self._plan = Plan(self.name, entries, frozenset(self._exits), table, comps)
+                self._plan = Plan(
+                    self.name, entries, frozenset(self._exits), table, comps, self._resources
+                )
                 self._plan_version = self._version
             return self._plan
+
+    def check_health(self) -> dict[str, bool]:
+        """Each resource's health: its ``health()`` on the driver's instance now (set up if
+        needed; a failing setup is ``False``), and-ed with the last verdict a worker
+        recorded after setting it up. ``{}`` without resources."""
+        return self._resources.check_health() if self._resources is not None else {}
 
     # -- running -------------------------------------------------------------------------
     def freeze(self) -> Frozen:

@@ -66,8 +66,10 @@ from cano_mp import (
     JoinStrategy,
     MetricsObserver,
     ProcessExecutor,
+    RateLimiter,
     Scheduler,
     SharedStore,
+    Task,
     TaskConfig,
     Workflow,
     task_context,
@@ -1369,6 +1371,78 @@ def case_checkpoint(o: Opts) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# limiter: the cost of one acquire() of a pool-wide rate limiter
+# ----------------------------------------------------------------------------------------
+LIMITER_CALLS = 100_000
+
+
+class AcquireLoop(Task):  # type: ignore[type-arg]
+    """A split branch: ``n`` acquire() calls on one shared limiter, timed in the worker."""
+
+    config = NO_RETRY
+
+    def __init__(self, tag: int, limiter: RateLimiter, n: int) -> None:
+        self.tag, self.limiter, self.n = tag, limiter, n
+
+    def run(self, store: Any) -> str:
+        self.limiter.acquire()  # opens the shared cell: not part of the timing
+        started = time.perf_counter()
+        for _ in range(self.n):
+            self.limiter.acquire()
+        store[f"t{self.tag}"] = time.perf_counter() - started
+        return "done"
+
+
+def case_limiter(o: Opts) -> None:
+    n = LIMITER_CALLS // (10 if o.quick else 1)
+    header("limiter", f"acquire() of a token bucket that never runs dry, {n:,} calls")
+    unlimited = 1e12  # tokens never run out: this measures the lock and the arithmetic
+    cano = RateLimiter(rate=unlimited, burst=10**12)
+    t = measure({"cano": lambda: [cano.acquire() for _ in range(n)]}, o.reps(5), warmup=1)
+    cano_us = t["cano"] / n
+    row("cano_mp RateLimiter.acquire(), uncontended", fmt_time(cano_us))
+    try:
+        import pyrate_limiter as prl
+    except ImportError:
+        row("pyrate-limiter", "not installed (pip install -e '.[bench]')")
+        prl = None
+    if prl is not None:
+        peer = prl.Limiter(prl.Rate(10**9, prl.Duration.SECOND))
+        t = measure(
+            {"prl": lambda: [peer.try_acquire("x", blocking=False) for _ in range(n)]},
+            o.reps(5),
+            warmup=1,
+        )
+        prl_us = t["prl"] / n
+        row("pyrate-limiter Limiter.try_acquire() (in-memory bucket)", fmt_time(prl_us))
+        ratio("cano / pyrate-limiter (one process only)", cano_us / prl_us)
+    row("goal uncontended", "<= 5 us", met(cano_us <= 5e-6))
+    workers = 8
+    shared = RateLimiter(rate=unlimited, burst=10**12)
+    per = max(1, n // workers)
+    flow = (
+        Workflow(start="go", executor=cano_executor(workers))
+        .register_split(
+            "go",
+            [AcquireLoop(i, shared, per) for i in range(workers)],
+            JoinConfig(JoinStrategy.all(), "done"),
+        )
+        .add_exit_state("done")
+    )
+    with SharedStore() as store:
+        flow.orchestrate(store=store)  # warm: workers started, plan sent
+        started = time.perf_counter()
+        flow.orchestrate(store=store)
+        wall = time.perf_counter() - started
+        inside = [store[f"t{i}"] for i in range(workers)]
+    row(
+        f"{workers} processes on one limiter: per call, in each",
+        fmt_time(statistics.median(inside) / per),
+        f"({os.cpu_count()} CPUs)",
+    )
+    row(f"{workers} processes: pool-wide throughput", f"{workers * per / wall:,.0f} acquires/s")
+
+
 # ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
@@ -1392,6 +1466,7 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "medium": case_medium,
     "memory": case_memory,
     "checkpoint": case_checkpoint,
+    "limiter": case_limiter,
 }
 GROUPS = {
     "core": ["chain", "inline", "bigdata", "startup"],
@@ -1402,6 +1477,7 @@ GROUPS = {
     "observe": ["observe"],
     "dask": ["dask"],
     "checkpoint": ["checkpoint"],
+    "limiter": ["limiter"],
 }
 GROUPS["all"] = (
     GROUPS["core"]

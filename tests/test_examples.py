@@ -78,3 +78,14 @@ def test_the_readme_batch_snippet_runs_as_written(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "33 rows"
+
+
+def test_rate_limited_enrichment_stays_within_its_rate() -> None:
+    stdout = run_example(
+        "rate_limited_enrichment.py", "--records", "60", "--rate", "40", timeout=180
+    )
+    assert "enriched 60 records" in stdout
+    assert "finished in DONE" in stdout
+    took = float(stdout.split("finished in DONE after ")[1].split("s")[0])
+    assert took >= (60 - 4) / 40 * 0.9  # burst 4, then 40 calls/s: it cannot be faster
+    assert "health: {'api': True}" in stdout

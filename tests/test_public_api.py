@@ -19,6 +19,8 @@ CONTRACT = [
     "CanoError", "ConfigError", "TransitionError", "TaskError", "TaskTimeout", "WorkerCrashed",
     "JoinError", "WorkflowTimeout", "StoreError", "StoreKeyError", "Terminated",
     "task_context", "TaskContext", "CheckpointStore", "RunRecord", "SteppedTask",
+    "CircuitBreaker", "CircuitOpen", "RateLimiter", "WindowedRateLimiter", "MultiRateLimiter",
+    "Resource",
 ]  # fmt: skip
 
 

@@ -26,17 +26,15 @@ import heapq
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence, Sized
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
 
 from .._batch import BatchTask, ItemFailure, batch_problems
 from .._calls import run_batch_chunk
-from .._context import TaskContext, _set_context
+from .._context import NO_RESOURCES, TaskContext, _set_context
 from .._errors import ConfigError, TaskError
 from .._executors import Executor
 from .._log import get_logger
@@ -45,7 +43,8 @@ from .._store import Snapshot, TaskStore
 from .._wire import Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
-from .chunks import ChunkSizer
+from .chunks import Chunk, ChunkSizer, Items
+from .gates import rate_wait, record, refused_items
 from .plan import StateEntry, describe
 from .scope import RunScope
 from .task_state import _INLINE
@@ -59,37 +58,6 @@ WARN_FAILURES = 10
 
 # Makes the error of an item stopped inside a chunk (timeout, crash): (index, attempt).
 ErrorMaker = Callable[[int, int], BaseException]
-
-
-@dataclass(eq=False, slots=True)
-class Chunk:
-    indices: range | list[int]
-    items: Sequence[Any]
-    attempt: int
-    future: Future[Any] | None = None
-    submitted: float = 0.0
-    check_at: float | None = None  # when to look at its items' timeouts next
-    quota: bool = False
-
-
-@dataclass(eq=False)
-class _Items:
-    """Where the items of one batch are."""
-
-    results: list[Any] = field(default_factory=list)
-    running: set[Chunk] = field(default_factory=set)
-    stopping: set[Chunk] = field(default_factory=set)  # timed out, not stopped yet
-    done: deque[Chunk] = field(default_factory=deque)
-    requeued: deque[Chunk] = field(default_factory=deque)
-    retries: list[tuple[float, int, int, Any, int]] = field(default_factory=list)
-    outstanding: int = 0
-    exhausted: bool = False
-    fatal: BaseException | None = None
-    failures_logged: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.exhausted and not self.running and not self.requeued and not self.retries
 
 
 class BatchState:
@@ -116,14 +84,27 @@ class BatchState:
         self.progress_of = None if self.inline else scope.progress
         self.token = scope.new_token()
         self.view = TaskStore(snap.data(), self.token)  # load() and finish() see one view
-        self.ctx = TaskContext(scope.run_id, self.state, 1, None, scope.is_cancelled)
-        self.b = _Items()
+        self.ctx = TaskContext(
+            scope.run_id,
+            self.state,
+            1,
+            None,
+            scope.is_cancelled,
+            resources=ref.spec.resources or NO_RESOURCES,
+        )
+        self.b = Items()
         self.seq = itertools.count()
         self.source: Any = None
         self.items: Iterator[Any] | None = None
         self.sliceable = False
         self.sizer = ChunkSizer(self.unit.chunk_size, workers, None, self.in_flight)
         self.bar: Any = None
+        self.gated = self.cfg.rate_limit is not None or self.cfg.circuit_breaker is not None
+        # A chunk takes one token per item, all at once: never more than the burst.
+        lim = self.cfg.rate_limit
+        self.max_chunk = int(lim.capacity) if lim is not None else None
+        self.rate_at: float | None = None
+        self.rate_told = False
 
     # -- the state -------------------------------------------------------------------------
     def run(self) -> Any:
@@ -206,6 +187,8 @@ class BatchState:
             wake_at = [c.check_at for c in b.running if c.check_at is not None]
             if b.retries:
                 wake_at.append(b.retries[0][0])
+            if self.rate_at is not None:
+                wake_at.append(self.rate_at)
             scope.wait_until(wake_at)
         assert b.outstanding == 0, b.outstanding
 
@@ -245,7 +228,7 @@ class BatchState:
     # -- starting chunks ---------------------------------------------------------------------
     def start(self, now: float) -> None:
         """Send chunks (requeued, due retries, then new items) while there is room."""
-        b = self.b
+        b, self.rate_at = self.b, None
         while len(b.running) + len(b.stopping) < self.in_flight and b.fatal is None:
             ch: Chunk | None = None
             if b.requeued:
@@ -269,6 +252,12 @@ class BatchState:
                     b.requeued.popleft()
                 else:
                     heapq.heappop(b.retries)
+                if self.gated and (ch := self.gate(ch, now)) is None:
+                    if quota is not None:
+                        quota.release()
+                    if self.rate_at is not None:
+                        return
+                    continue
                 ch.quota = quota is not None
                 self.submit(ch)
             except BaseException:
@@ -283,6 +272,8 @@ class BatchState:
         b = self.b
         first = len(b.results)
         size = self.sizer.next()
+        if self.max_chunk is not None:
+            size = min(size, self.max_chunk)
         items: Sequence[Any]
         try:
             if self.sliceable:  # a slice: a memcpy for lists, three ints for a range
@@ -348,6 +339,25 @@ class BatchState:
         self.b.running.add(ch)
         ch.future = fut
 
+    def gate(self, ch: Chunk, now: float) -> Chunk | None:
+        """Rate limit (one token per item) and breaker (per item) for ``ch``: what may go
+        now, or None (waiting for tokens: ``rate_at`` is set; or every item refused)."""
+        subject = Subject(self.state, self.name, self.cfg)
+        wait = rate_wait(self.scope, subject, len(ch.items), self.rate_told)
+        self.rate_told = wait > 0.0
+        if wait > 0.0:
+            self.b.requeued.appendleft(ch)  # first to go when the tokens are there
+            self.rate_at = now + wait
+            return None
+        refused = refused_items(self.scope, self.subject, ch.indices)
+        for k, err in refused.items():
+            self.item_failed(ch.indices[k], ch.items[k], ch.attempt, err, None)
+        if not refused:
+            return ch
+        keep = [k for k in range(len(ch.items)) if k not in refused]
+        items, indices = [ch.items[k] for k in keep], [ch.indices[k] for k in keep]
+        return Chunk(indices, items, ch.attempt) if keep else None
+
     # -- finished and overdue chunks ---------------------------------------------------------
     def collect(self) -> None:
         b = self.b
@@ -405,6 +415,8 @@ class BatchState:
                 if k not in failed_positions:
                     b.results[ch.indices[k]] = values[k]
         finished = n - len(failed_positions)
+        if finished:
+            record(self.cfg.circuit_breaker, None, finished)
         b.outstanding -= finished
         if self.bar is not None and finished:
             self.bar.update(finished)
@@ -490,6 +502,7 @@ class BatchState:
         self, index: int, item: Any, attempt: int, exc: BaseException, tb: str | None
     ) -> None:
         b = self.b
+        record(self.cfg.circuit_breaker, exc)
         level = logging.WARNING if b.failures_logged < WARN_FAILURES else logging.DEBUG
         decision = retry_or_fail(self.scope, self.subject(index), attempt, exc, tb, level=level)
         if not isinstance(decision, Failed):

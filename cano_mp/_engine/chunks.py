@@ -1,10 +1,18 @@
-"""ChunkSizer: how many items a BatchTask chunk carries (pure arithmetic, no I/O)."""
+"""ChunkSizer: how many items a BatchTask chunk carries (pure arithmetic, no I/O); and the
+records of a batch's chunks and items as the driver tracks them."""
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
+    "Chunk",
+    "Items",
     "MAX_CHUNK_BYTES",
     "MAX_CHUNK_ITEMS",
     "MAX_ITEMS_IN_FLIGHT",
@@ -75,3 +83,34 @@ class ChunkSizer:
             b = nbytes / items
             prev = self.bytes_per_item
             self.bytes_per_item = b if prev is None else (prev + b) / 2
+
+
+@dataclass(eq=False, slots=True)
+class Chunk:
+    indices: range | list[int]
+    items: Sequence[Any]
+    attempt: int
+    future: Future[Any] | None = None
+    submitted: float = 0.0
+    check_at: float | None = None  # when to look at its items' timeouts next
+    quota: bool = False
+
+
+@dataclass(eq=False)
+class Items:
+    """Where the items of one batch are (the driver's side of a BatchState)."""
+
+    results: list[Any] = field(default_factory=list)
+    running: set[Chunk] = field(default_factory=set)
+    stopping: set[Chunk] = field(default_factory=set)  # timed out, not stopped yet
+    done: deque[Chunk] = field(default_factory=deque)
+    requeued: deque[Chunk] = field(default_factory=deque)
+    retries: list[tuple[float, int, int, Any, int]] = field(default_factory=list)
+    outstanding: int = 0
+    exhausted: bool = False
+    fatal: BaseException | None = None
+    failures_logged: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and not self.running and not self.requeued and not self.retries

@@ -6,7 +6,7 @@ import enum
 import functools
 import pickle
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ class Plan:
     exits: frozenset[Any]
     table: tuple[Any, ...]
     compensations: dict[Any, UnitRef] = field(default_factory=dict)  # register(compensate=)
+    resources: Mapping[str, Any] | None = None  # the workflow's ResourceSet
     _layout: tuple[tuple[UnitSpec, ...], tuple[Any, ...], bytes] | None = field(
         default=None, init=False, repr=False
     )
@@ -83,6 +84,10 @@ class Plan:
                     objects.append(r.unit)
                 rows.append((pos, r.spec.state, r.spec.name))
             meta = dumps((self.table, self.name, tuple(rows)))
+            for r in refs:
+                r.spec.resources = self.resources
+            # The resources travel with the units (last): pickled once per run with them.
+            objects.append(self.resources)
             self._layout = (tuple(r.spec for r in refs), tuple(objects), meta)
         return self._layout
 
@@ -113,8 +118,10 @@ def _pack(meta: bytes, objects: tuple[Any, ...]) -> bytes:
 
 def _unpack(meta: bytes, objects: bytes) -> tuple[UnitSpec, ...]:
     table, workflow, rows = pickle.loads(meta)
-    units = pickle.loads(objects)
-    return tuple(UnitSpec(units[pos], state, name, table, workflow) for pos, state, name in rows)
+    *units, resources = pickle.loads(objects)
+    return tuple(
+        UnitSpec(units[pos], state, name, table, workflow, resources) for pos, state, name in rows
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from .._store import Snapshot
 from .._wire import Call, UnitOutcome, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
+from .gates import admitted, rate_wait, record, release
 from .plan import StateEntry, UnitRef, describe
 from .scope import RunScope
 
@@ -57,6 +58,7 @@ class Branch:
     next_state: Any = None
     log: list[Any] = field(default_factory=list)
     error: TaskError | None = None
+    rate_told: bool = False  # observers know it waits for its rate limit
 
     def subject(self, state: Any) -> Subject:
         return Subject(state, self.ref.name, self.ref.config)
@@ -78,6 +80,7 @@ class TaskState:
         self.done: deque[tuple[Branch, Future[Any]]] = deque()
         self.ok = 0
         self.failed = 0
+        self.rate_at: float | None = None  # when the first waiting branch may take a token
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Any:
@@ -115,6 +118,8 @@ class TaskState:
         wake_at = [join_deadline] if join_deadline is not None else []
         wake_at.extend(b.deadline for b in self.running if b.deadline is not None)
         wake_at.extend(b.retry_at for b in self.retrying)
+        if self.rate_at is not None:
+            wake_at.append(self.rate_at)
         return wake_at
 
     def verdict(self, timed_out: bool) -> str:
@@ -131,15 +136,39 @@ class TaskState:
                 self.retrying.remove(b)
                 b.status = "waiting"
                 self.waiting.appendleft(b)
-        quota = self.scope.quota
+        quota, self.rate_at = self.scope.quota, None
         while self.waiting and len(self.running) < limit:
             b = self.waiting[0]
             inline = b.ref.config.inline or not self.scope.remote
             holds_quota = quota is not None and not inline
             if quota is not None and holds_quota and not quota.try_acquire(self.scope.wake):
                 return
+            subject = b.subject(self.state)
+            wait = rate_wait(self.scope, subject, 1, b.rate_told)
+            if wait > 0.0:  # in order: the branches behind it wait too
+                if quota is not None and holds_quota:
+                    quota.release()
+                b.rate_told, self.rate_at = True, now + wait
+                return
+            b.rate_told = False
             self.waiting.popleft()
+            refusal = admitted(self.scope, subject)
+            if refusal is not None:
+                if quota is not None and holds_quota:
+                    quota.release()
+                self.refuse(b, refusal)
+                continue
             self.submit(b, inline, holds_quota)
+
+    def refuse(self, b: Branch, refusal: TaskError) -> None:
+        """An attempt its circuit breaker refused: it fails now, without being sent."""
+        b.attempt += 1
+        b.status = "running"
+        b.started = time.monotonic()
+        b.future = None
+        self._attempt_starts(b)
+        self.attempt_failed(b, refusal, None)
+        self.scope.wake.set()  # a verdict may be due: the run loop must look again
 
     def submit(self, b: Branch, inline: bool, holds_quota: bool) -> None:
         scope = self.scope
@@ -241,6 +270,7 @@ class TaskState:
             b.log = out.log
             b.status = "ok"
             self.ok += 1
+            record(b.ref.config.circuit_breaker, None)
             self.task_end(b, None)
 
     def expire(self, now: float) -> None:
@@ -255,6 +285,7 @@ class TaskState:
             self.attempt_failed(b, make_timeout_error(b.subject(self.state), b.attempt), None)
 
     def attempt_failed(self, b: Branch, error: BaseException, remote_tb: str | None) -> None:
+        record(b.ref.config.circuit_breaker, error)
         self.task_end(b, error)
         decision = retry_or_fail(self.scope, b.subject(self.state), b.attempt, error, remote_tb)
         b.future = None
@@ -273,6 +304,7 @@ class TaskState:
             assert b.future is not None and b.executor is not None
             b.executor.cancel(b.future, grace)
             self.discard(b)
+            release(b.ref.config.circuit_breaker)
             b.status = "cancelled"
             if self.scope.observers:
                 why = f"attempt {b.attempt} of task {b.ref.name!r} was cancelled"
@@ -352,26 +384,11 @@ class TaskState:
         while True:
             now = time.monotonic()
             scope.check_stop(self.state, now)
-            b.attempt += 1
-            b.status = "running"
-            b.started = now
-            timeout = b.ref.config.timeout
-            b.deadline = now + timeout if timeout is not None else None
-            b.token = scope.new_token()
-            if scope.observers:
-                scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
-            out = run_unit_call(
-                scope.is_cancelled,
-                b.deadline,
-                (b.ref.spec,),
-                self.snap.data(),
-                0,
-                b.attempt,
-                scope.run_id,
-                b.token,
-                False,
-            )
-            self.outcome(b, out, overdue=True)
+            refusal = self.inline_gates(b)
+            if refusal is None:
+                self.inline_attempt(b)
+            else:
+                self.refuse(b, refusal)
             if b.status == "ok":
                 return self.finish("proceed", False)
             if b.status == "failed":
@@ -381,3 +398,39 @@ class TaskState:
             scope.wake.clear()
             while not scope.cancelled and time.monotonic() < until:
                 scope.wake.wait(until - time.monotonic())
+
+    def inline_gates(self, b: Branch) -> TaskError | None:
+        """Wait for the rate limit (sleeping on the run's event), then ask the breaker."""
+        scope, subject = self.scope, b.subject(self.state)
+        told = False
+        while (wait := rate_wait(scope, subject, 1, told)) > 0.0:
+            told = True
+            scope.wake.clear()
+            scope.wait_until([time.monotonic() + wait])
+            scope.check_stop(self.state, time.monotonic())
+        return admitted(scope, subject)
+
+    def inline_attempt(self, b: Branch) -> None:
+        """One attempt of a plain task in the driver."""
+        scope = self.scope
+        now = time.monotonic()
+        b.attempt += 1
+        b.status = "running"
+        b.started = now
+        timeout = b.ref.config.timeout
+        b.deadline = now + timeout if timeout is not None else None
+        b.token = scope.new_token()
+        if scope.observers:
+            scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
+        out = run_unit_call(
+            scope.is_cancelled,
+            b.deadline,
+            (b.ref.spec,),
+            self.snap.data(),
+            0,
+            b.attempt,
+            scope.run_id,
+            b.token,
+            False,
+        )
+        self.outcome(b, out, overdue=True)
