@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
-import re
 import threading
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
@@ -19,15 +16,14 @@ from ._engine import (
     Plan,
     Quota,
     Run,
-    StateEntry,
     is_hashable,
-    make_unit_ref,
 )
 from ._errors import ConfigError
 from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
+from ._registry import Registration, build_plan, label, mermaid, problems
 from ._resilience.resources import Resource, ResourceSet
 from ._retry import TaskConfig
 from ._stepped import SteppedTask, StepUnit, cursor_key
@@ -37,9 +33,7 @@ from ._task import (
     Task,
     TaskLike,
     as_unit,
-    declared_next_states,
     unit_config,
-    unit_name,
 )
 
 if TYPE_CHECKING:
@@ -52,22 +46,6 @@ __all__ = ["Workflow"]
 S = TypeVar("S", bound=Hashable)
 _uids = itertools.count(1)
 _log = get_logger("cano_mp.workflow")
-
-
-@dataclass(eq=False)
-class _Registration:
-    state: Any
-    units: list[Task[Any] | Node[Any, Any, Any] | BatchTask[Any, Any, Any]]
-    configs: list[TaskConfig]
-    join: JoinConfig[Any] | None
-    problems: list[str]
-    compensate: Any = None  # a Task run when a later failure rolls the run back
-
-
-def _label(state: object) -> str:
-    if isinstance(state, enum.Enum):
-        return state.name
-    return str(state)
 
 
 class Workflow(Generic[S]):
@@ -166,7 +144,7 @@ class Workflow(Generic[S]):
         self._resources = ResourceSet(resources or {}, name or "workflow") if resources else None
         self.cancel_grace = grace
         self._uid = next(_uids)
-        self._regs: dict[Any, _Registration] = {}
+        self._regs: dict[Any, Registration] = {}
         self._wrappers: dict[int, Any] = {}  # id(fn) -> its task wrapper (fn kept alive)
         self._order: list[Any] = []
         self._exits: list[Any] = []
@@ -182,14 +160,14 @@ class Workflow(Generic[S]):
         if not is_hashable(state):
             raise ConfigError(f"{what}: states must be hashable, got {state!r}")
 
-    def _add(self, reg: _Registration) -> Self:
+    def _add(self, reg: Registration) -> Self:
         # Registering a state again replaces its task (re-running a notebook cell must not
         # leave a workflow that can never run); the state keeps its place in the order.
         if reg.state in self._regs:
             _log.debug(
                 "workflow %r: state %s registered again; its task is replaced",
                 self.name,
-                _label(reg.state),
+                label(reg.state),
             )
         else:
             self._order.append(reg.state)
@@ -225,14 +203,14 @@ class Workflow(Generic[S]):
         """
         self._check_state(state, "register()")
         if isinstance(task, SteppedTask):
-            unit: Any = StepUnit(task, cursor_key(_label(state)))
+            unit: Any = StepUnit(task, cursor_key(label(state)))
         else:
-            unit = self._as_unit(task, f"register({_label(state)})")
+            unit = self._as_unit(task, f"register({label(state)})")
         comp = None
         if compensate is not None:
-            comp = self._as_unit(compensate, f"register({_label(state)}, compensate=...)")
+            comp = self._as_unit(compensate, f"register({label(state)}, compensate=...)")
             if isinstance(comp, BatchTask):
-                raise ConfigError(f"register({_label(state)}): compensate cannot be a BatchTask")
+                raise ConfigError(f"register({label(state)}): compensate cannot be a BatchTask")
         if config is not None and not isinstance(config, TaskConfig):
             raise ConfigError(f"config must be a TaskConfig, got {config!r}")
         problems: list[str] = []
@@ -243,7 +221,7 @@ class Workflow(Generic[S]):
             cfg = TaskConfig()
         if isinstance(unit, BatchTask):
             problems.extend(batch_problems(unit))
-        return self._add(_Registration(state, [unit], [cfg], None, problems, comp))
+        return self._add(Registration(state, [unit], [cfg], None, problems, comp))
 
     def register_split(self, state: S, tasks: Iterable[TaskLike], join: JoinConfig[S]) -> Self:
         """Run ``tasks`` in parallel in ``state``; continue as ``join`` decides.
@@ -253,11 +231,11 @@ class Workflow(Generic[S]):
         self._check_state(state, "register_split()")
         if not isinstance(join, JoinConfig):
             raise ConfigError(f"join must be a JoinConfig, got {join!r}")
-        units = [self._as_unit(t, f"register_split({_label(state)})") for t in tasks]
+        units = [self._as_unit(t, f"register_split({label(state)})") for t in tasks]
         for u in units:
             if isinstance(u, BatchTask):
                 raise ConfigError(
-                    f"register_split({_label(state)}): a BatchTask cannot be a split branch; "
+                    f"register_split({label(state)}): a BatchTask cannot be a split branch; "
                     "register it on a state of its own (it fans out by itself)"
                 )
         problems: list[str] = []
@@ -269,7 +247,7 @@ class Workflow(Generic[S]):
                 problems.append(str(exc))
                 configs.append(TaskConfig())
         self._check_state(join.join_state, "JoinConfig join_state")
-        return self._add(_Registration(state, units, configs, join, problems))
+        return self._add(Registration(state, units, configs, join, problems))
 
     def add_exit_state(self, state: S) -> Self:
         """Mark ``state`` as final: a run that reaches it ends there."""
@@ -319,56 +297,7 @@ class Workflow(Generic[S]):
 
     # -- checking ------------------------------------------------------------------------
     def _problems(self) -> list[str]:
-        problems: list[str] = []
-        exits = set(self._exits)
-        for s in self._exits:
-            if s in self._regs:
-                problems.append(f"exit state {_label(s)} also has a task")
-        if not self._exits:
-            problems.append("no exit state: add one with add_exit_state()")
-        # A start state that is an exit state is valid: orchestrate() returns it at once.
-        if self._start is not None and self._start not in self._regs and self._start not in exits:
-            problems.append(f"start state {_label(self._start)} has no task")
-        if self.max_parallel is not None and self.max_parallel < 1:
-            problems.append(f"max_parallel must be >= 1, got {self.max_parallel}")
-        known = set(self._regs) | exits
-        for state, reg in self._regs.items():
-            problems.extend(reg.problems)
-            if reg.join is None:
-                declared = declared_next_states(reg.units[0])
-                for nxt in declared or ():
-                    if not is_hashable(nxt) or nxt not in known:
-                        problems.append(
-                            f"task {unit_name(reg.units[0])!r} of state {_label(state)} declares "
-                            f"next state {_label(nxt)}, which is neither registered nor an exit "
-                            "state"
-                        )
-                continue
-            join, n = reg.join, len(reg.units)
-            if n == 0:
-                problems.append(f"split state {_label(state)} has no tasks")
-            if join.join_state not in known:
-                problems.append(
-                    f"join state {_label(join.join_state)} of split {_label(state)} is neither "
-                    "registered nor an exit state"
-                )
-            strat = join.strategy
-            if strat.n is not None and n and not 1 <= strat.n <= n:
-                problems.append(
-                    f"split {_label(state)}: {strat.kind}({strat.n}) needs 1 <= n <= {n} "
-                    "(the number of tasks)"
-                )
-            if strat.p is not None and not 0 < strat.p <= 1:
-                problems.append(f"split {_label(state)}: percentage must be within (0, 1]")
-            if strat.kind == "partial_timeout" and join.timeout is None:
-                problems.append(
-                    f"split {_label(state)}: partial_timeout() needs JoinConfig(timeout=...)"
-                )
-            if join.max_parallel is not None and join.max_parallel < 1:
-                problems.append(
-                    f"split {_label(state)}: max_parallel must be >= 1, got {join.max_parallel}"
-                )
-        return problems
+        return problems(self)
 
     def validate(self) -> None:
         """Check the whole workflow; raise :class:`ConfigError` listing every problem."""
@@ -384,36 +313,8 @@ class Workflow(Generic[S]):
             if self._validated != self._version:
                 self.validate()
             if self._plan is None or self._plan_version != self._version:
-                table = tuple(dict.fromkeys([*self._order, *self._exits]))
-                entries: dict[Any, StateEntry] = {}
-                index = itertools.count()
-                for state, reg in self._regs.items():
-                    refs = []
-                    for unit, cfg in zip(reg.units, reg.configs, strict=True):
-                        refs.append(
-                            make_unit_ref(
-                                unit,
-                                unit_name(unit),
-                                cfg,
-                                declared_next_states(unit) if reg.join is None else None,
-                                state,
-                                table,
-                                next(index),
-                                self.name,
-                            )
-                        )
-                    batch = reg.join is None and isinstance(reg.units[0], BatchTask)
-                    stepped = reg.join is None and isinstance(reg.units[0], StepUnit)
-                    if stepped:
-                        reg.units[0].enums = _enums(table)  # type: ignore[union-attr]
-                    entries[state] = StateEntry(state, refs, reg.join, batch, stepped)
-                comps = {
-                    state: _compensation_ref(reg, table, next(index), self.name)
-                    for state, reg in self._regs.items()
-                    if reg.compensate is not None
-                }
-                self._plan = Plan(
-                    self.name, entries, frozenset(self._exits), table, comps, self._resources
+                self._plan = build_plan(
+                    self.name, self._regs, self._order, self._exits, self._resources
                 )
                 self._plan_version = self._version
             return self._plan
@@ -588,55 +489,7 @@ class Workflow(Generic[S]):
         Every registered state is drawn; one whose task declares no next states has a
         dashed border and a note (its transitions are known only when it runs).
         """
-        ids: dict[Any, str] = {}
-        used: set[str] = set()
-
-        def ident(state: Any) -> str:
-            if state not in ids:
-                base = re.sub(r"\W", "_", _label(state)) or "state"
-                if base[0].isdigit():
-                    base = "s_" + base
-                name, n = base, 2
-                while name in used:
-                    name, n = f"{base}_{n}", n + 1
-                used.add(name)
-                ids[state] = name
-            return ids[state]
-
-        lines = ["stateDiagram-v2"]
-        for state in dict.fromkeys([*self._order, *self._exits]):
-            sid = ident(state)
-            # Declared on a line of its own, a state is drawn even without transitions.
-            if sid != _label(state):
-                lines.append(f'    state "{_label(state)}" as {sid}')
-            else:
-                lines.append(f"    {sid}")
-        undeclared: list[str] = []
-        if self._start is not None:
-            lines.append(f"    [*] --> {ident(self._start)}")
-        for state in self._order:
-            reg = self._regs[state]
-            if reg.join is None:
-                declared = declared_next_states(reg.units[0])
-                if declared is None:
-                    undeclared.append(ident(state))
-                for nxt in declared or ():
-                    if is_hashable(nxt):
-                        lines.append(f"    {ident(state)} --> {ident(nxt)}")
-            else:
-                names = ", ".join(unit_name(u) for u in reg.units)
-                lines.append(
-                    f"    {ident(state)} --> {ident(reg.join.join_state)}: "
-                    f"split [{names}] {reg.join.strategy!r}"
-                )
-        for state in self._exits:
-            lines.append(f"    {ident(state)} --> [*]")
-        if undeclared:
-            lines.append("    classDef undeclared stroke-dasharray: 5 5")
-            lines.append(f"    class {', '.join(undeclared)} undeclared")
-            for sid in undeclared:
-                lines.append(f"    note right of {sid}: next states not declared")
-        return "\n".join(lines) + "\n"
+        return mermaid(self)
 
     def _repr_markdown_(self) -> str:
         return f"```mermaid\n{self.to_mermaid()}```"
@@ -644,7 +497,7 @@ class Workflow(Generic[S]):
     def __repr__(self) -> str:
         return (
             f"<Workflow {self.name!r}: {len(self._regs)} states, exits "
-            f"{[_label(s) for s in self._exits]}>"
+            f"{[label(s) for s in self._exits]}>"
         )
 
 
@@ -671,14 +524,3 @@ def _checkpoint_arg(checkpoint: object, durability: object) -> Any:
     if type(checkpoint).__name__ == "CheckpointStore":
         return checkpoint
     raise ConfigError(f"checkpoint must be a path or a CheckpointStore, got {checkpoint!r}")
-
-
-def _enums(table: tuple[Any, ...]) -> tuple[type[enum.Enum], ...]:
-    return tuple(dict.fromkeys(type(s) for s in table if isinstance(s, enum.Enum)))
-
-
-def _compensation_ref(reg: _Registration, table: tuple[Any, ...], index: int, wf: str) -> Any:
-    unit = reg.compensate
-    return make_unit_ref(
-        unit, f"compensate {unit_name(unit)}", unit_config(unit), None, reg.state, table, index, wf
-    )
