@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import pickle
 import secrets
 import shutil
 import signal
@@ -53,6 +54,7 @@ from .._wire import (
     InitFailed,
     LogMessage,
     NewBlob,
+    Raised,
     Returned,
     Stop,
     WorkerDied,
@@ -86,6 +88,7 @@ class _Slot:
     caches: dict[str, BlobCache] = field(default_factory=BlobCache.per_category)
     job: PoolJob | None = None
     dead: bool = False
+    retiring: bool = False  # said it exits after its current call (see _worker.loop)
 
     @property
     def pid(self) -> int:
@@ -100,9 +103,11 @@ class Pool:
         max_workers: int,
         initializer: Callable[..., Any] | None,
         initargs: tuple[Any, ...],
+        max_tasks: int | None = None,
     ) -> None:
         run_janitor()
         self.max_workers = max_workers
+        self._max_tasks = max_tasks
         self._initializer = initializer
         self._initargs = initargs
         self._ctx = get_context("loky")
@@ -113,7 +118,9 @@ class Pool:
         self._pending: deque[PoolJob] = deque()
         self._spawning = 0
         self._closed = False
-        self._broken: str | None = None
+        self._broken: str | None = None  # the initializer failed: every call would fail
+        self._spawn_backoff = 0.0
+        self._spawn_after = 0.0
         self._want_extra = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -258,6 +265,7 @@ class Pool:
                 self._initializer,
                 self._initargs,
                 self._owner,
+                self._max_tasks,
             ),
             name=f"cano_mp-worker-{index}",
         )
@@ -297,6 +305,8 @@ class Pool:
             with self._lock:
                 live = [s for s in self._slots if s is not None]
                 kill_times = [s.job.stop_at for s in live if s.job is not None and s.job.stop_at]
+                if self._pending and self._spawn_after and len(live) < self.max_workers:
+                    kill_times.append(self._spawn_after)  # try starting a worker again then
             waitables: list[Any] = [self._wake_r]
             for s in live:
                 waitables.append(s.conn)
@@ -331,17 +341,15 @@ class Pool:
         free = [i for i, s in enumerate(self._slots) if s is None]
         want = len(self._pending) + self._want_extra
         self._want_extra = 0
+        if free and time.monotonic() < self._spawn_after:
+            return sends  # backing off after a failed start
         for index in free[:want]:
             try:
                 slot = self._spawn(index)
             except Exception as exc:
-                log.error("could not start a worker process: %s", exc)
-                self._broken = f"could not start a worker process: {exc}"
-                for job in self._pending:
-                    if not job.future.done():
-                        job.future.set_exception(CanoError(self._broken))
-                self._pending.clear()
+                self._spawn_failed(exc)
                 return sends
+            self._spawn_backoff = 0.0
             self._slots[index] = slot
             if self._pending:
                 job = self._pending.popleft()
@@ -351,11 +359,40 @@ class Pool:
                 self._idle.append(slot)
         return sends
 
+    def _spawn_failed(self, exc: Exception) -> None:
+        """A worker could not start (EMFILE, EAGAIN, ENOMEM...): a passing condition as a
+        rule. Calls that no live worker can serve fail (their retry policy decides); the
+        next start is tried after a backoff (0.1 s doubling to 5 s), never given up."""
+        self._spawn_backoff = min(5.0, max(0.1, self._spawn_backoff * 2))
+        self._spawn_after = time.monotonic() + self._spawn_backoff
+        log.warning(
+            "could not start a worker process: %s (trying again in %.1fs)", exc, self._spawn_backoff
+        )
+        if any(s is not None for s in self._slots):
+            return  # live workers will serve what is pending
+        error = CanoError(f"could not start a worker process: {type(exc).__name__}: {exc}")
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._pending.clear()
+
     def _receive(self, slot: _Slot) -> None:
         try:
-            msg = from_wire(slot.conn.recv())
+            data = slot.conn.recv_bytes()
         except (EOFError, OSError):
             self._reap(slot)
+            return
+        try:
+            raw = pickle.loads(data)
+            if raw[0] == "retire":  # replies no more after its next one: never reuse it
+                slot.retiring = True
+                log.info("worker %s is replaced: %s", slot.pid, raw[1])
+                return
+            msg = from_wire(raw)
+        except Exception as exc:
+            # A reply that pickled in the worker but does not load here (an exception class
+            # whose __init__ needs arguments...): that call fails, the pool goes on.
+            self._unloadable(slot, exc)
             return
         if isinstance(msg, LogMessage):
             emit_remote(msg.record, msg.tags)
@@ -382,11 +419,13 @@ class Pool:
             if job is None or job.seq != msg.seq:
                 return  # a stale reply: cannot happen with one call per slot
             slot.job = None
-            nxt = self._pending.popleft() if self._pending and not self._closed else None
-            if nxt is not None:
-                self._claim(slot, nxt)
-            else:
-                self._idle.append(slot)
+            nxt = None
+            if not slot.retiring:
+                nxt = self._pending.popleft() if self._pending and not self._closed else None
+                if nxt is not None:
+                    self._claim(slot, nxt)
+                else:
+                    self._idle.append(slot)
         if nxt is not None:
             self._send(slot, nxt)
         fut = job.future
@@ -398,6 +437,17 @@ class Pool:
             fut.set_result(msg.result)
         else:
             fut.set_exception(CanoError(f"cano_mp worker error:\n{msg.text}"))
+
+    def _unloadable(self, slot: _Slot, exc: Exception) -> None:
+        with self._lock:
+            job = slot.job
+            seq = job.seq if job is not None else -1
+        text = (
+            f"the task's result could not be loaded in the driver: {type(exc).__name__}: "
+            f"{exc} (make what it returns, or the exception it raises, picklable both ways)"
+        )
+        log.warning("worker %s: %s", slot.pid, text)
+        self._replied(slot, Raised("raised", seq, text))
 
     def _fail_pending(self, exc: BaseException) -> None:
         with self._lock:

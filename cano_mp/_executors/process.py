@@ -68,6 +68,9 @@ class ProcessExecutor(ExecutorBase):
         reuse: ``True`` (default) shares one process-wide pool between every executor with
             the same arguments; ``False`` owns a private pool, shut down by :meth:`close`
             (or the ``with`` block).
+        max_tasks_per_worker: replace a worker after it ran this many calls (a task that
+            leaks memory or state); default: never. A worker is also replaced as soon as a
+            task leaves it unusable (closed fd 0/1/2, changed resource limits).
 
     A worker that dies fails only the call it was running; the pool starts a new worker.
     Workers start on demand; :meth:`warm` starts them ahead of time.
@@ -82,7 +85,16 @@ class ProcessExecutor(ExecutorBase):
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         reuse: bool = True,
+        max_tasks_per_worker: int | None = None,
     ) -> None:
+        if max_tasks_per_worker is not None and (
+            isinstance(max_tasks_per_worker, bool)
+            or not isinstance(max_tasks_per_worker, int)
+            or max_tasks_per_worker < 1
+        ):
+            raise ConfigError(
+                f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}"
+            )
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
         ):
@@ -91,13 +103,14 @@ class ProcessExecutor(ExecutorBase):
             raise ConfigError(f"initializer must be callable, got {initializer!r}")
         self._max_workers = max_workers or default_workers()
         self._reuse = reuse
-        self._key = (self._max_workers, initializer, tuple(initargs))
+        self._max_tasks = max_tasks_per_worker
+        self._key = (self._max_workers, initializer, tuple(initargs), max_tasks_per_worker)
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._own: Pool | None = None
         self._closed = False
         if not reuse:
-            self._own = Pool(self._max_workers, initializer, self._initargs)
+            self._own = Pool(self._max_workers, initializer, self._initargs, self._max_tasks)
             weakref.finalize(self, self._own.close)
 
     def _pool(self) -> Pool:
@@ -108,7 +121,7 @@ class ProcessExecutor(ExecutorBase):
         with _shared_lock:
             pool = _shared.get(self._key)
             if pool is None or pool.closed:
-                pool = Pool(self._max_workers, self._initializer, self._initargs)
+                pool = Pool(self._max_workers, self._initializer, self._initargs, self._max_tasks)
                 _shared[self._key] = pool
             return pool
 
