@@ -7,6 +7,14 @@ picture. Everything public is importable from here.
 
 from __future__ import annotations
 
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):  # pragma: no cover - CI runs on Linux
+    raise ImportError(
+        f"cano_mp runs on Linux (this is {_sys.platform}): its guarantees stand on /dev/shm, "
+        "flock, process groups and PR_SET_PDEATHSIG"
+    )
+
 from typing import TYPE_CHECKING, Any
 
 from ._batch import BatchTask, ItemFailure
