@@ -45,8 +45,15 @@ EXAMPLES: dict[str, tuple[list[str], float, str]] = {
     "split_join.py": ([], 90, "final state: DONE"),
     "join_strategies.py": ([], 120, "JoinStrategy.partial_timeout()"),
     "dask_cluster.py": (["--size", "2", "--out", "{work}/dask"], 300, "finished in DONE"),
+    "rate_limited_enrichment.py": (
+        ["--records", "40", "--rate", "40"],
+        180,
+        "finished in DONE",
+    ),
     # runs until SIGTERM: run_daemon() starts it through `cano-mp serve`
     "daemon.py": ([], 0, ""),
+    # crashes on purpose, then resumes: run_resumable() runs it twice
+    "resumable_etl.py": ([], 0, ""),
 }
 
 
@@ -140,6 +147,17 @@ def run_example(path: Path, args: list[str], timeout: float, promise: str) -> st
     return ""
 
 
+def run_resumable(examples: Path, work: Path) -> str:
+    """The first run crashes on purpose (exit 3) after checkpointing; the second resumes."""
+    cmd = [sys.executable, str(examples / "resumable_etl.py"), "--db", str(work / "etl.db")]
+    cmd += ["--rows", "50000"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if first.returncode != 3:
+        raise SystemExit(f"FAILED: resumable_etl.py should crash with 3:\n{first.stderr}")
+    expect(run(cmd, 120), "finished in DONE", "resumable_etl.py (resumed)")
+    return ""
+
+
 def run_daemon(examples: Path, work: Path) -> str:
     """`cano-mp serve examples/daemon.py:build` until three reports, then SIGTERM: exit 0."""
     status, reports = work / "daemon" / "status.json", work / "daemon" / "reports.log"
@@ -193,6 +211,9 @@ def main() -> None:
     for name in scripts:
         if name == "daemon.py":
             step("cano-mp serve daemon.py:build", lambda: run_daemon(examples, work))
+            continue
+        if name == "resumable_etl.py":
+            step("examples/resumable_etl.py, crash + resume", lambda: run_resumable(examples, work))
             continue
         argv, timeout, promise = EXAMPLES[name]
         argv = [a.format(work=work) for a in argv]
