@@ -269,10 +269,12 @@ def build(executor: ProcessExecutor, crashes: Crashes) -> Scheduler:
 
 
 def shm_files() -> int:
+    """Store segments left in this process's directories (not its own bookkeeping: the
+    owner lock and process-group list, dotfiles, and the pool's flags file)."""
     n = 0
     for d in _shm.process_dirs():
         for _root, _dirs, files in os.walk(d):
-            n += sum(1 for f in files if "-flags" not in f)
+            n += sum(1 for f in files if not f.startswith(".") and "flags" not in f)
     return n
 
 
