@@ -139,7 +139,7 @@ class Workflow(Generic[S]):
         self.timeout = budget
         self.max_parallel = max_parallel
         self.name = name or "workflow"
-        self._observers = Observers(observers)
+        self._observers = Observers(observers)  # _observe() adds one (serve --metrics-port)
         if resources is not None and not isinstance(resources, Mapping):
             raise ConfigError(f"resources must map names to Resource objects, got {resources!r}")
         self._resources = ResourceSet(resources or {}, name or "workflow") if resources else None
@@ -185,6 +185,10 @@ class Workflow(Generic[S]):
         if unit is None:
             unit = self._wrappers[id(task)] = as_unit(task, what=what)
         return unit
+
+    def _observe(self, observer: Observer) -> None:
+        """Notify ``observer`` too, from the next run on."""
+        self._observers = self._observers.plus(observer)
 
     def register(
         self,
