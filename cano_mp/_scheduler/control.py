@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._errors import CanoError, ConfigError
+from .._errors import CanoError, ConfigError, StoreError
 from .._log import get_logger
 from .._metrics import MetricsObserver
 from .._store.shm import check_private_dir
@@ -71,7 +71,10 @@ def default_control_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     root = runtime if runtime and os.path.isdir(runtime) else tempfile.gettempdir()
     directory = tempfile.mkdtemp(prefix=f"cano_mp-ctl-{os.getpid()}-", dir=root)  # mkdir 0700
-    check_private_dir(directory)
+    try:
+        check_private_dir(directory)
+    except StoreError as exc:
+        raise ConfigError(f"--control: {exc}") from None
     return os.path.join(directory, SOCKET_NAME)
 
 
@@ -149,14 +152,19 @@ class ControlServer:
         self.path = path
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._clear_stale(path)
-        old = os.umask(0o177)  # the socket file is born 0600
+        # The socket file is born 0600 (bind() has no mode argument). umask is per process:
+        # serve opens this before the scheduler starts, when no other thread makes files.
+        old = os.umask(0o177)
         try:
             self.server = _Server(path, _Handler)
         except OSError as exc:
             raise ConfigError(f"--control: cannot listen on {path}: {exc.strerror}") from None
         finally:
             os.umask(old)
-        os.chmod(path, 0o600, follow_symlinks=False)
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o600:
+            self.server.server_close()
+            raise ConfigError(f"--control: {path} was replaced while it was being made")
         self.server.control = self
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
