@@ -135,6 +135,31 @@ def test_a_raising_poll_is_retried_per_config(ex: Any, tmp_path: Path) -> None:
     assert info.value.attempts == 3 and len(polls(log)) == 3
 
 
+def test_retries_stop_at_the_end_of_the_wait(ex: Any, tmp_path: Path) -> None:
+    class Down(WaitForFile):
+        timeout = 0.6
+        config = TaskConfig(retry=RetryPolicy.fixed(1000, 0.1))
+
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout, match="no state after") as info:
+        flow(ex, Down(tmp_path / "x", tmp_path / "log", fail_first=10**6)).orchestrate()
+    assert time.monotonic() - started < 15.0
+    assert isinstance(info.value.__cause__, RuntimeError)  # the last poll's own error
+    assert 1 <= len(polls(tmp_path / "log")) <= 10
+
+
+def test_config_inline_polls_in_the_driver(pool: ProcessExecutor, tmp_path: Path) -> None:
+    target, log = tmp_path / "ready", tmp_path / "log"
+    target.touch()
+
+    class Here(WaitForFile):
+        config = TaskConfig(inline=True)
+
+    wf = flow(pool, Here(target, log))
+    assert wf.orchestrate() == S.DONE
+    assert polls(log) == [os.getpid()] and wf.store["seen_by"] == os.getpid()
+
+
 def test_no_pool_slot_is_held_between_polls(tmp_path: Path) -> None:
     """On a 1-worker pool, another flow's task runs while the poll waits (it makes the file
     the poll waits for: holding the only worker would deadlock until the timeout)."""

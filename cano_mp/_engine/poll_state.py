@@ -104,8 +104,9 @@ class PollState(TaskState):
                 b.status = "failed"
                 if isinstance(error, TaskTimeout) and getattr(error, "_poll_wait", False):
                     b.error = error  # already the wait's own timeout
-                else:
-                    b.error = self.wait.error(error)
+                else:  # an attempt stopped at the wait's end is no cause of its own
+                    cut = isinstance(error, TaskTimeout) and now >= until
+                    b.error = self.wait.error(None if cut else error)
                 self.failed += 1
                 return
         super().attempt_failed(b, error, remote_tb)

@@ -213,6 +213,9 @@ class ControlServer:
             getattr(self.sched, op)(flow)
         except CanoError as exc:
             return {"ok": False, "error": str(exc)}, None
+        except Exception as exc:  # a bug: the client still gets an answer
+            log.exception("control socket: %s %r failed", op, flow)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, None
         log.info("control socket: %s %r", op, flow)
         return {"ok": True}, None
 
