@@ -36,6 +36,7 @@ from ._errors import (
 from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
+from ._poll import PollTask
 from ._resilience import CircuitBreaker, MultiRateLimiter, RateLimiter, WindowedRateLimiter
 from ._resilience.resources import Resource
 from ._retry import RetryPolicy, TaskConfig
@@ -122,6 +123,7 @@ __all__ = [
     "MetricsObserver",
     "Node",
     "Observer",
+    "PollTask",
     "ProcessExecutor",
     "RateLimiter",
     "RemoteError",

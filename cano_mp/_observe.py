@@ -213,6 +213,12 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self._observers)
 
+    def plus(self, observer: Observer) -> Observers:
+        """These observers and ``observer`` (once)."""
+        if observer in self._observers:
+            return self
+        return Observers((*self._observers, observer))
+
     def wants(self, hook: str) -> bool:
         """Whether some observer implements ``hook``."""
         return bool(self._hooks.get(hook))

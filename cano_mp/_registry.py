@@ -12,6 +12,7 @@ from typing import Any
 from ._batch import BatchTask
 from ._engine import Plan, StateEntry, is_hashable, make_unit_ref
 from ._join import JoinConfig
+from ._poll import PollUnit
 from ._retry import TaskConfig
 from ._stepped import StepUnit
 from ._task import Node, Task, declared_next_states, unit_config, unit_name
@@ -180,7 +181,8 @@ def build_plan(
         stepped = reg.join is None and isinstance(reg.units[0], StepUnit)
         if stepped:
             reg.units[0].enums = _enums(table)  # type: ignore[union-attr]
-        entries[state] = StateEntry(state, refs, reg.join, batch, stepped)
+        poll = reg.join is None and isinstance(reg.units[0], PollUnit)
+        entries[state] = StateEntry(state, refs, reg.join, batch, stepped, poll)
     comps = {
         state: _compensation_ref(reg, table, next(index), name)
         for state, reg in regs.items()

@@ -23,6 +23,7 @@ from ._executors import Executor, InlineExecutor, ProcessExecutor
 from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
+from ._poll import PollTask, PollUnit
 from ._registry import Registration, build_plan, label, mermaid, problems
 from ._resilience.resources import Resource, ResourceSet
 from ._retry import TaskConfig
@@ -138,7 +139,7 @@ class Workflow(Generic[S]):
         self.timeout = budget
         self.max_parallel = max_parallel
         self.name = name or "workflow"
-        self._observers = Observers(observers)
+        self._observers = Observers(observers)  # _observe() adds one (serve --metrics-port)
         if resources is not None and not isinstance(resources, Mapping):
             raise ConfigError(f"resources must map names to Resource objects, got {resources!r}")
         self._resources = ResourceSet(resources or {}, name or "workflow") if resources else None
@@ -185,16 +186,20 @@ class Workflow(Generic[S]):
             unit = self._wrappers[id(task)] = as_unit(task, what=what)
         return unit
 
+    def _observe(self, observer: Observer) -> None:
+        """Notify ``observer`` too, from the next run on."""
+        self._observers = self._observers.plus(observer)
+
     def register(
         self,
         state: S,
-        task: TaskLike | SteppedTask[S, Any],
+        task: TaskLike | SteppedTask[S, Any] | PollTask[S],
         *,
         config: TaskConfig | None = None,
         compensate: TaskLike | None = None,
     ) -> Self:
-        """Run ``task`` (a Task, a Node, a ``@task`` function, ``fn(store)``, a BatchTask
-        or a SteppedTask) in ``state``.
+        """Run ``task`` (a Task, a Node, a ``@task`` function, ``fn(store)``, a BatchTask,
+        a SteppedTask or a PollTask) in ``state``.
 
         ``config`` overrides the task's own ``config``. ``compensate`` (``fn(store)`` or a
         Task, run in the pool with its own retry policy) undoes the state's work when the
@@ -204,6 +209,8 @@ class Workflow(Generic[S]):
         self._check_state(state, "register()")
         if isinstance(task, SteppedTask):
             unit: Any = StepUnit(task, cursor_key(label(state)))
+        elif isinstance(task, PollTask):
+            unit = PollUnit(task)  # interval and timeout checked here (ConfigError)
         else:
             unit = self._as_unit(task, f"register({label(state)})")
         comp = None

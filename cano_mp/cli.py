@@ -8,12 +8,14 @@
     cano-mp runs  DB                                  the runs a checkpoint database holds
     cano-mp resume PATH.py:NAME RUN_ID --checkpoint DB [--workers N] [--log-level LEVEL]
     cano-mp serve PATH.py:NAME | module:NAME [--status-file PATH] [--stop-timeout S]
-                  [--log-level LEVEL]
+                  [--control [PATH]] [--metrics-port N] [--log-level LEVEL]
+    cano-mp ctl   PATH list | trigger FLOW | pause FLOW | resume FLOW | reset FLOW | stop
 
 Exit codes (``resume`` as ``run``): 0 success (for ``serve``: a graceful stop on SIGINT /
 SIGTERM), 1 the workflow failed (the error and the worker's traceback on stderr; for
 ``serve``: running flows had to be cancelled at the stop timeout), 2 bad usage or
-configuration (one clear line), 130 interrupted (Ctrl-C during ``run``).
+configuration (one clear line; for ``ctl``: also an unknown flow or a refused connection),
+130 interrupted (Ctrl-C during ``run``).
 
 Targets are imported as ``python -m`` would: ``run`` and ``graph`` put the current directory
 on the import path (unless ``python -P`` / ``PYTHONSAFEPATH``); ``serve`` does not add it
@@ -240,7 +242,25 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for running flows on SIGTERM before cancelling them "
         "(default 30; inf: no limit)",
     )
+    serve.add_argument(
+        "--control",
+        nargs="?",
+        const="default",
+        metavar="PATH",
+        help="open a control socket (0600) at PATH for 'cano-mp ctl'; without PATH (or "
+        "'default'), in a new 0700 directory under $XDG_RUNTIME_DIR or the temp directory",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve the flows' metrics as Prometheus text on http://127.0.0.1:N/metrics",
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
+    ctl = sub.add_parser("ctl", help="control a 'serve --control' daemon (JSON lines)")
+    ctl.add_argument("path", help="the control socket")
+    ctl.add_argument("op", choices=("list", "trigger", "pause", "resume", "reset", "stop"))
+    ctl.add_argument("flow", nargs="?", help="the flow id (trigger, pause, resume, reset)")
     from ._cli_runs import add_commands
 
     add_commands(sub)
@@ -274,11 +294,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log = get_logger("cano_mp.cli")
     flows = ", ".join(f"{i.id} ({i.schedule})" for i in sched.list()) or "none"
     log.info("serving %d flow(s): %s (pid %d)", len(sched.list()), flows, os.getpid())
+    from ._scheduler.control import ControlServer, MetricsServer, attach_metrics
+
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be 0..65535, got {args.metrics_port}")
+    opened: list[ControlServer | MetricsServer] = []
     try:
-        sched.run_forever(stop_timeout=args.stop_timeout)
-    except CanoError as exc:
-        print(f"cano-mp: {exc}", file=sys.stderr)
-        return 1
+        if args.metrics_port is not None:
+            opened.append(MetricsServer(attach_metrics(sched), args.metrics_port))
+        if args.control is not None:
+            path = None if args.control == "default" else args.control
+            opened.append(ControlServer(sched, path, sched._request_stop))
+        try:
+            sched.run_forever(stop_timeout=args.stop_timeout)
+        except CanoError as exc:
+            print(f"cano-mp: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        for server in reversed(opened):
+            server.close()
+    return 0
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from ._scheduler.control import FLOW_OPS, ControlError, request
+
+    if (args.op in FLOW_OPS) != (args.flow is not None):
+        raise UsageError(
+            f"ctl {args.op} needs a flow id"
+            if args.op in FLOW_OPS
+            else f"ctl {args.op} takes no flow id"
+        )
+    message = {"op": args.op} if args.flow is None else {"op": args.op, "flow": args.flow}
+    try:
+        reply = request(args.path, message)
+    except ControlError as exc:
+        raise UsageError(str(exc)) from None
+    if reply.get("ok") is not True:
+        raise UsageError(_one_line(str(reply.get("error", "the request failed"))))
+    print(json.dumps(reply))
     return 0
 
 
@@ -363,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "ctl":
+            return _cmd_ctl(args)
         if args.command in ("runs", "resume"):
             from ._cli_runs import run_command
 

@@ -20,7 +20,7 @@ CONTRACT = [
     "JoinError", "WorkflowTimeout", "StoreError", "StoreKeyError", "Terminated",
     "task_context", "TaskContext", "CheckpointStore", "RunRecord", "SteppedTask",
     "CircuitBreaker", "CircuitOpen", "RateLimiter", "WindowedRateLimiter", "MultiRateLimiter",
-    "Resource",
+    "Resource", "PollTask",
 ]  # fmt: skip
 
 

@@ -48,6 +48,7 @@ class StateEntry:
     join: JoinConfig[Any] | None  # None: a plain task
     batch: bool = False  # a BatchTask (join is None)
     stepped: bool = False  # a SteppedTask (join is None): one call per step
+    poll: bool = False  # a PollTask (join is None): one call per poll, asleep in between
 
 
 @dataclass(eq=False)

@@ -200,6 +200,10 @@ class Run:
         snap = snapshot_blob(scope.store._take_snapshot())
         if entry.stepped:
             return run_stepped(self, entry)
+        if entry.poll:
+            from .poll_state import run_poll  # imported on first use: import time
+
+            return run_poll(self, entry)
         if entry.batch:
             from .batch_state import BatchState  # imported on first use: import time
 

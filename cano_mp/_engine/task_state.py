@@ -175,9 +175,8 @@ class TaskState:
         b.attempt += 1
         b.status = "running"
         b.token = scope.new_token()
-        timeout = b.ref.config.timeout
         b.started = time.monotonic()
-        b.deadline = b.started + timeout if timeout is not None else None
+        b.deadline = self.attempt_deadline(b, b.started)
         executor = _INLINE if inline else scope.executor
         b.executor = executor
         call = Call(
@@ -209,6 +208,11 @@ class TaskState:
             b.attempt -= 1
             self.waiting.appendleft(b)
             raise
+
+    def attempt_deadline(self, b: Branch, now: float) -> float | None:
+        """When an attempt starting at ``now`` is overdue (its config's timeout)."""
+        timeout = b.ref.config.timeout
+        return now + timeout if timeout is not None else None
 
     def _attempt_starts(self, b: Branch) -> None:
         scope = self.scope
@@ -417,8 +421,7 @@ class TaskState:
         b.attempt += 1
         b.status = "running"
         b.started = now
-        timeout = b.ref.config.timeout
-        b.deadline = now + timeout if timeout is not None else None
+        b.deadline = self.attempt_deadline(b, now)
         b.token = scope.new_token()
         if scope.observers:
             scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)

@@ -302,6 +302,11 @@ class Scheduler(Registration):
             log.info("%s received: stopping (waiting %s for running flows)", name, limit)
         self.stop(seconds)
 
+    def _request_stop(self) -> None:
+        """Make :meth:`run_forever` stop as on SIGTERM (``cano-mp ctl PATH stop``)."""
+        self._wake.set()
+        self._stopped.set()
+
     def __enter__(self) -> Self:
         if not self._started:
             self.start()
