@@ -185,7 +185,7 @@ class ConcurrentResult(Generic[S]):
             else:
                 detail = ""
             rows.append(
-                f"<tr><td>{r.index}</td><td>{r.status}</td><td>{html.escape(detail)}</td>"
+                f"<tr><td>{r.index}</td><td>{html.escape(r.status)}</td><td>{html.escape(detail)}</td>"
                 f"<td>{r.duration:.3f}</td></tr>"
             )
         return (

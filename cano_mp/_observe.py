@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from collections.abc import Iterable
@@ -20,10 +21,22 @@ log = get_logger("cano_mp.observe")
 
 @dataclass(frozen=True, slots=True)
 class RunInfo:
-    """Identifies one run of a workflow: ``run_id`` (unique) and the workflow's name."""
+    """Identifies one run of a workflow.
+
+    Attributes:
+        run_id: Unique for each run (a uuid4 hex unless given to ``orchestrate``).
+        workflow: The workflow's name.
+    """
 
     run_id: str
     workflow: str
+
+    def _repr_html_(self) -> str:
+        return (
+            "<table><caption>RunInfo</caption>"
+            f"<tr><th>run_id</th><td>{html.escape(self.run_id)}</td></tr>"
+            f"<tr><th>workflow</th><td>{html.escape(self.workflow)}</td></tr></table>"
+        )
 
 
 class Observer:

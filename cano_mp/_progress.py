@@ -46,5 +46,6 @@ def progress_bar(
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    bar: ProgressBar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    # leave=True: a finished bar stays with its final count (a notebook keeps the widget).
+    bar: ProgressBar = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
     return bar

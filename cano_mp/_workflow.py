@@ -501,6 +501,13 @@ class Workflow(Generic[S]):
     def _repr_markdown_(self) -> str:
         return f"```mermaid\n{self.to_mermaid()}```"
 
+    def _repr_mimebundle_(
+        self, include: Any = None, exclude: Any = None, **kwargs: Any
+    ) -> dict[str, str]:
+        # Jupyter renders the text/markdown entry (JupyterLab 4 and VS Code draw the
+        # ```mermaid block); text/plain is what consoles and older front ends show.
+        return {"text/markdown": self._repr_markdown_(), "text/plain": repr(self)}
+
     def __repr__(self) -> str:
         return (
             f"<Workflow {self.name!r}: {len(self._regs)} states, exits "

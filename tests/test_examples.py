@@ -63,9 +63,9 @@ def test_tasks_defined_in_a_scripts_main_run_in_workers(tmp_path: Path) -> None:
     assert out.stdout.strip() == "ok 42"
 
 
-def test_the_readme_batch_snippet_runs_as_written(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("## Batches: a parallel map") :]
+def test_the_batches_page_snippet_runs_as_written(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts" / "batches.md").read_text()
+    section = page[page.index("# Batches: a parallel map") :]
     code = section[section.index("```python\n") + 10 :]
     code = code[: code.index("```\n")]
     (tmp_path / "data").mkdir()
