@@ -71,6 +71,7 @@ class Session:
         """The run holds its store: a resumed run's store becomes the checkpoint's."""
         if self.saved is not None:
             restore(store, self.cs.files, self.saved.entries)
+            self.capture.learn(driver_store(store)._take_snapshot(), self.saved.entries)
             if self.observers:
                 self.observers.emit("on_resume", self.info, self.saved.state, self.seq)
 
