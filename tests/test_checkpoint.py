@@ -262,10 +262,10 @@ def test_disk_full_fails_the_checkpoint_and_keeps_the_previous_one(
     wf.store["marker"] = str(tmp_path / "absent")
     real = files.DataFiles._write_file
 
-    def full(self: Any, tmp: str, view: memoryview) -> None:
+    def full(self: Any, tmp: str, view: memoryview, *rest: Any) -> None:
         if view.nbytes >= 800_000:
             raise OSError(28, "No space left on device")
-        real(self, tmp, view)
+        real(self, tmp, view, *rest)
 
     monkeypatch.setattr(files.DataFiles, "_write_file", full)
     with pytest.raises(StoreError, match="no space left"):

@@ -15,6 +15,7 @@ a new name) only when it differs.
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 from .._store import WRITABLE_SEGMENTS, SharedStore, Snapshot, driver_store
@@ -70,20 +71,24 @@ class Capture:
         name = self._known.get(path)
         if name is not None and not writable and self.files.has(name):
             return ("f", name, nbytes)
-        mm = _shm.map_readonly(path, nbytes)
+        fd = _shm.open_private(path, size=nbytes)
         try:
-            view = memoryview(mm)[:nbytes]
+            mm = mmap.mmap(fd, max(nbytes, 1), access=mmap.ACCESS_READ)
             try:
-                # a writable array changes in place: written only when it differs from the
-                # file its last checkpoint wrote
-                if name is None or not writable or not self.files.same(name, view):
-                    name = self.files.new_name()
-                    self.written += self.files.write(name, view)
-                    self._known[path] = name
+                view = memoryview(mm)[:nbytes]
+                try:
+                    # a writable array changes in place: written only when it differs from
+                    # the file its last checkpoint wrote
+                    if name is None or not writable or not self.files.same(name, view):
+                        name = self.files.new_name()
+                        self.written += self.files.write(name, view, fd)
+                        self._known[path] = name
+                finally:
+                    view.release()
             finally:
-                view.release()
+                mm.close()
         finally:
-            mm.close()
+            os.close(fd)
         return ("f", name, nbytes)
 
 

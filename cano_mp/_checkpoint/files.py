@@ -99,27 +99,29 @@ class DataFiles:
         finally:
             os.close(fd)  # releases the flock
 
-    def write(self, digest: str, data: memoryview) -> int:
+    def write(self, digest: str, data: memoryview, src_fd: int | None = None) -> int:
         """Make sure the file ``digest`` holds ``data``; return the bytes written (0 when it
-        was there already). ENOSPC: ``StoreError``, nothing left behind."""
+        was there already). ``src_fd``: a file whose first bytes are ``data`` (a store
+        segment), copied in the kernel (``sendfile``: no page faults on ``data``, no copy
+        through user space). ENOSPC: ``StoreError``, nothing left behind."""
         target = self.path(digest)
         if os.path.exists(target):
             return 0
         view = _bytes(data)
         tmp = os.path.join(self.folder, f".{digest[:16]}.{secrets.token_hex(6)}.tmp")
         with self._space(view.nbytes):
-            self._write_file(tmp, view)
+            self._write_file(tmp, view, src_fd)
         os.rename(tmp, target)
         if self.fsync:
             self.sync_folder()
         return view.nbytes
 
-    def _write_file(self, tmp: str, view: memoryview) -> None:
-        """Write ``view`` to the new file ``tmp`` (fsynced if asked); on any failure remove
-        it."""
+    def _write_file(self, tmp: str, view: memoryview, src_fd: int | None = None) -> None:
+        """Write ``view`` (from ``src_fd`` when given) to the new file ``tmp`` (fsynced if
+        asked); on any failure remove it."""
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _O_NOFOLLOW, 0o600)
         try:
-            done = 0
+            done = 0 if src_fd is None else _send(fd, src_fd, view.nbytes)
             while done < view.nbytes:
                 done += os.write(fd, view[done : done + _CHUNK])
             if self.fsync:
@@ -211,6 +213,23 @@ class DataFiles:
         for n in os.listdir(self.folder):
             if n.endswith(".tmp"):
                 _unlink(os.path.join(self.folder, n))
+
+
+def _send(fd: int, src_fd: int, nbytes: int) -> int:
+    """Copy up to ``nbytes`` from the start of ``src_fd`` to ``fd`` in the kernel; return
+    how many were copied (the caller writes the rest itself: sendfile may be refused)."""
+    done = 0
+    while done < nbytes:
+        try:
+            n = os.sendfile(fd, src_fd, done, min(nbytes - done, 1 << 30))
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and done == 0:
+                return 0
+            raise
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def _unlink(path: str) -> None:
