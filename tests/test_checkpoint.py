@@ -283,3 +283,24 @@ def test_two_processes_cannot_resume_one_run(tmp_path: Path) -> None:
     assert cs.runs()[0].live
     with pytest.raises(ConfigError, match="right now"):
         cs.load("x")
+
+
+def test_data_files_are_written_where_sendfile_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def refused(*args: Any) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", refused)
+    marker = tmp_path / "fail"
+    marker.touch()
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r")
+    marker.unlink()
+    wf.store.clear()
+    assert wf.resume("r") == S.DONE
+    assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)

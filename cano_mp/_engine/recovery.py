@@ -119,8 +119,12 @@ def compensate(
         ckpt.rolling_back(scope.store, todo, done, errors)
     while todo:
         state = todo[0]
+        ref = scope.plan.compensations.get(state)  # a resumed rollback's workflow may lack it
+        if ref is None:
+            del todo[0]
+            continue
         snap = run.snapshot()
-        entry = StateEntry(state, [scope.plan.compensations[state]], None)
+        entry = StateEntry(state, [ref], None)
         try:
             _drive(run, CompensationState(scope, entry, snap))
         except CanoError as exc:
