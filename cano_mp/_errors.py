@@ -184,6 +184,18 @@ class Terminated(CanoError):
     """
 
 
+class RolledBack(CanoError):
+    """A resumed run that had crashed while rolling back: the rest of its rollback ran.
+
+    The run had failed (the message says with what) and its compensations were running when
+    its process died; ``resume()`` ran the compensations that had not finished (the one cut
+    short runs again: make compensations idempotent) and raises this, with
+    ``.compensated`` (all the states rolled back, in rollback order) and
+    ``.compensation_errors`` as the original error would have carried them. The run is then
+    ``"failed"`` and cannot be resumed again.
+    """
+
+
 class StoreError(CanoError):
     """A store operation failed (a value that cannot be pickled, a closed store...)."""
 

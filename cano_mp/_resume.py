@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from ._checkpoint import CheckpointStore, RunRecord
-from ._checkpoint.session import Session, find_state
+from ._checkpoint.session import Rollback, Session, find_state
 from ._engine import Frozen, Run
-from ._errors import ConfigError
+from ._errors import CanoError, ConfigError
 from ._log import get_logger
 
 
@@ -90,6 +90,7 @@ def resumed_run(
         completed = [
             find_state(n, table, run_id, wf.name) for n in loaded.extra.get("completed", ())
         ]
+        rolling = _rollback(loaded.extra.get("rollback"), table, run_id, wf.name)
         made: Run = run(frozen, state, run_id, completed)
     except BaseException:
         cs.let_go(run_id)
@@ -97,4 +98,21 @@ def resumed_run(
     made.checkpoint = Session(
         cs, run_id, keep=keep, observers=made.scope.observers, info=made.info, saved=loaded
     )
+    made.checkpoint.resume_rollback = rolling
     return made
+
+
+def _rollback(rb: Any, table: Any, run_id: str, workflow: str) -> Rollback | None:
+    """The rollback a crash cut short, as states (errors of earlier compensations as
+    ``CanoError``s carrying their message), or None."""
+    if rb is None:
+        return None
+
+    def find(name: str) -> Any:
+        return find_state(name, table, run_id, workflow)
+
+    return (
+        [find(n) for n in rb["todo"]],
+        [find(n) for n in rb["done"]],
+        [(find(n), CanoError(why)) for n, why in rb["errors"]],
+    )

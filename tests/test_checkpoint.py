@@ -165,7 +165,25 @@ def test_a_state_that_did_not_touch_an_array_writes_no_bytes_for_it(tmp_path: Pa
     assert 800_000 <= sizes[2] < 900_000  # doubled only; rows unchanged: 0 bytes
 
 
-def test_writable_arrays_are_hashed_each_time(tmp_path: Path) -> None:
+def test_a_resumed_run_does_not_write_its_restored_arrays_again(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    rec = Recorder()
+    wf = pipeline(tmp_path / "runs.db", "inline", observers=[rec], checkpoint_keep=True)
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r")
+    before = set(os.listdir(tmp_path / "runs.db.data"))
+    marker.unlink()
+    assert wf.resume("r") == S.DONE
+    after_resume = [e for e in rec.events if e[0] == "checkpoint"][2:]
+    assert [e[1] for e in after_resume] == [S.SUM]
+    assert 800_000 <= after_resume[0][3] < 900_000  # doubled only: rows is its old file
+    names = set(os.listdir(tmp_path / "runs.db.data"))
+    assert before <= names and len(names - before) == 1  # one new file: doubled's
+
+
+def test_writable_arrays_are_compared_each_time(tmp_path: Path) -> None:
     rec = Recorder()
     store = SharedStore()
     arr = store.array("a", 1000)
@@ -244,10 +262,10 @@ def test_disk_full_fails_the_checkpoint_and_keeps_the_previous_one(
     wf.store["marker"] = str(tmp_path / "absent")
     real = files.DataFiles._write_file
 
-    def full(self: Any, tmp: str, view: memoryview) -> None:
+    def full(self: Any, tmp: str, view: memoryview, *rest: Any) -> None:
         if view.nbytes >= 800_000:
             raise OSError(28, "No space left on device")
-        real(self, tmp, view)
+        real(self, tmp, view, *rest)
 
     monkeypatch.setattr(files.DataFiles, "_write_file", full)
     with pytest.raises(StoreError, match="no space left"):
@@ -265,3 +283,24 @@ def test_two_processes_cannot_resume_one_run(tmp_path: Path) -> None:
     assert cs.runs()[0].live
     with pytest.raises(ConfigError, match="right now"):
         cs.load("x")
+
+
+def test_data_files_are_written_where_sendfile_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def refused(*args: Any) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", refused)
+    marker = tmp_path / "fail"
+    marker.touch()
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r")
+    marker.unlink()
+    wf.store.clear()
+    assert wf.resume("r") == S.DONE
+    assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)

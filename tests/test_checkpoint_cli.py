@@ -131,3 +131,38 @@ def test_scheduler_resumes_the_unfinished_run_at_start(tmp_path: Path) -> None:
     plain = Workflow(start=S.A).register(S.A, a).add_exit_state(S.B)
     with pytest.raises(ConfigError, match="resume_unfinished=True needs a workflow with a check"):
         Scheduler().manual("g", plain, S.A, resume_unfinished=True)
+
+
+def test_a_discarded_scheduler_job_gives_its_run_lease_back(tmp_path: Path) -> None:
+    import enum
+
+    from cano_mp._scheduler.flows import FlowSpec
+    from cano_mp._scheduler.runs import Job
+
+    class S(enum.Enum):
+        A = 1
+        DONE = 2
+
+    db = tmp_path / "r.db"
+    wf = (
+        Workflow(start=S.A, executor="inline", checkpoint=db, name="lease")
+        .register(S.A, lambda s: S.DONE)
+        .add_exit_state(S.DONE)
+    )
+    spec = FlowSpec(id="f", workflow=wf, initial=S.A)
+    for resume_id in (None, "old"):
+        if resume_id is not None:  # a resumable run, as the scheduler would resume it
+            with pytest.raises(ConfigError):
+                wf.resume("old")  # unknown yet
+            cs = CheckpointStore(db)
+            cs.create_run("old", "lease")
+            cs.save("old", 1, "A", {}, {}, {})
+            cs.finish("old", "failed", None, keep=True, error="RuntimeError: x")
+        job = Job(spec, resume_id)
+        assert job._error is None
+        (made,) = [r for r in CheckpointStore(db).runs() if r.live]
+        job.discard()
+        rec = CheckpointStore(db).get(made.run_id)
+        assert rec is not None and not rec.live
+        if resume_id is not None:
+            assert wf.resume("old") == S.DONE  # this process can take it again

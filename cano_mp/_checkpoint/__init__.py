@@ -1,4 +1,4 @@
-"""Checkpoints of runs: an embedded SQLite database (``store``), content-addressed data
+"""Checkpoints of runs: an embedded SQLite database (``store``), data
 files beside it (``files``), a store's contents as a checkpoint and back (``capture``), and
 what one run does with them (``session``).
 

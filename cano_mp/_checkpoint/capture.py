@@ -1,24 +1,27 @@
 """A store's contents as a checkpoint, and back.
 
 A checkpoint's ``entries`` mirror the store's index: ``key -> (payload, buffers)`` where the
-payload is the value's pickle (bytes, inline in SQLite) or ``("f", digest, nbytes)`` (a data
+payload is the value's pickle (bytes, inline in SQLite) or ``("f", name, nbytes)`` (a data
 file), and each out-of-band buffer (a numpy array's data) is a data file.
 
 Change detection is by segment identity: a store segment never changes once written, so a
-segment seen at an earlier checkpoint of the run is the data file it was then (0 bytes
-written). Only the arrays ``store.array()`` handed out writable can change in place; they
-are hashed at every checkpoint, and written only when their hash is new.
+segment seen at an earlier checkpoint of the run (or restored from one) is the data file it
+was then (0 bytes written), and a new one is written once under a fresh random name, never
+hashed. Only the arrays ``store.array()`` handed out writable can change in place; at every
+checkpoint each is compared with the file its last checkpoint wrote and written again (under
+a new name) only when it differs.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 from .._store import WRITABLE_SEGMENTS, SharedStore, Snapshot, driver_store
 from .._store import shm as _shm
 from .._store.codec import Ref
-from .files import DataFiles, content_hash
+from .files import DataFiles
 
 __all__ = ["Capture", "restore"]
 
@@ -30,11 +33,12 @@ class Capture:
 
     def __init__(self, files: DataFiles) -> None:
         self.files = files
-        self._known: dict[str, tuple[str, int]] = {}  # immutable segment path -> digest
+        # segment path -> the data file that holds it (for a writable array: its last one)
+        self._known: dict[str, str] = {}
         self.written = 0
 
     def entries(self, snap: Snapshot) -> tuple[dict[str, Any], dict[str, int]]:
-        """``(entries, data files they name: digest -> nbytes)``; data files are written
+        """``(entries, data files they name: name -> nbytes)``; data files are written
         (the caller holds the files' shared lock until its row commits)."""
         self.written = 0
         refs: dict[str, int] = {}
@@ -48,28 +52,44 @@ class Capture:
             out[key] = (p, bufs)
         return out, refs
 
+    def learn(self, snap: Snapshot, entries: dict[str, Any]) -> None:
+        """``snap`` is the store just restored from ``entries``: its segments are those data
+        files already (a resumed run does not write its data again)."""
+        for key, (payload, buffers) in snap.index.items():
+            saved = entries.get(key)
+            if saved is None:
+                continue
+            pairs = [(payload, saved[0]), *zip(buffers, saved[1], strict=False)]
+            for ref, fref in pairs:
+                if isinstance(ref, tuple) and isinstance(fref, tuple) and ref[1] == fref[2]:
+                    if ref[0] not in WRITABLE_SEGMENTS:
+                        self._known[ref[0]] = fref[1]
+
     def _file(self, ref: Ref) -> FileRef:
         path, nbytes = ref
         writable = path in WRITABLE_SEGMENTS
-        hit = None if writable else self._known.get(path)
-        if hit is not None and self.files.has(hit[0]):
-            return ("f", hit[0], nbytes)
-        mm = _shm.map_readonly(path, nbytes)
+        name = self._known.get(path)
+        if name is not None and not writable and self.files.has(name):
+            return ("f", name, nbytes)
+        fd = _shm.open_private(path, size=nbytes)
         try:
-            view = memoryview(mm)[:nbytes]
+            mm = mmap.mmap(fd, max(nbytes, 1), access=mmap.ACCESS_READ)
             try:
-                if writable:  # changes in place: hash first, write only new contents
-                    digest = content_hash(view)
-                    self.written += self.files.write(digest, view)
-                else:
-                    digest, n = self.files.write_new(view)
-                    self.written += n
-                    self._known[path] = (digest, nbytes)
+                view = memoryview(mm)[:nbytes]
+                try:
+                    # a writable array changes in place: written only when it differs from
+                    # the file its last checkpoint wrote
+                    if name is None or not writable or not self.files.same(name, view):
+                        name = self.files.new_name()
+                        self.written += self.files.write(name, view, fd)
+                        self._known[path] = name
+                finally:
+                    view.release()
             finally:
-                view.release()
+                mm.close()
         finally:
-            mm.close()
-        return ("f", digest, nbytes)
+            os.close(fd)
+        return ("f", name, nbytes)
 
 
 def restore(store: SharedStore, files: DataFiles, entries: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@
     Run.run: store held  -> Session.begin     restore the store (resume)
              state entered -> Session.enter   checkpoint: data files, then the row
              a SteppedTask step committed -> Session.enter (same state, its cursor in the store)
+             a rollback: before it and after each compensation -> Session.rolling_back
+                          (the store and which compensations are left; resume goes on there)
              end          -> Session.end      completed / failed (+ rolled back); lease given up
 """
 
@@ -22,7 +24,10 @@ from .._store import SharedStore, driver_store
 from .capture import Capture, restore
 from .store import CheckpointStore, Saved
 
-__all__ = ["Session", "find_state", "state_name"]
+__all__ = ["Rollback", "Session", "find_state", "state_name"]
+
+# a rollback to finish: the states left to compensate, those done, (state, error) of failed
+Rollback = tuple[list[Any], list[Any], list[tuple[Any, BaseException]]]
 
 
 def state_name(state: Any) -> str:
@@ -66,11 +71,17 @@ class Session:
         self.capture = Capture(cs.files)
         self._skip_next = saved is not None  # the state resumed at is checkpointed already
         self.history: list[str] = list(saved.extra.get("completed", ())) if saved else []
+        # a rollback under way: {"error": why the run failed, "state": where, "todo": [names
+        # of the states left to compensate], "done": [names], "errors": [(name, why)]}
+        self.rollback: dict[str, Any] | None = saved.extra.get("rollback") if saved else None
+        # set by resume: the rollback to finish, as (todo, done, errors) of states
+        self.resume_rollback: Rollback | None = None
 
     def begin(self, store: SharedStore) -> None:
         """The run holds its store: a resumed run's store becomes the checkpoint's."""
         if self.saved is not None:
             restore(store, self.cs.files, self.saved.entries)
+            self.capture.learn(driver_store(store)._take_snapshot(), self.saved.entries)
             if self.observers:
                 self.observers.emit("on_resume", self.info, self.saved.state, self.seq)
 
@@ -79,21 +90,37 @@ class Session:
         if self._skip_next:
             self._skip_next = False
             return
+        self._save(store, state_name(state), {"completed": list(self.history)})
+        if self.observers:
+            self.observers.emit("on_checkpoint", self.info, state, self.seq, self.capture.written)
+
+    def _save(self, store: SharedStore, state: str, extra: dict[str, Any]) -> None:
         self.seq += 1
         files = self.cs.files
         with files.lock(exclusive=False):
             entries, refs = self.capture.entries(driver_store(store)._take_snapshot())
-            dropped = self.cs.save(
-                self.run_id,
-                self.seq,
-                state_name(state),
-                entries,
-                {"completed": list(self.history)},
-                refs,
-            )
+            dropped = self.cs.save(self.run_id, self.seq, state, entries, extra, refs)
         self.cs.collect(dropped)
-        if self.observers:
-            self.observers.emit("on_checkpoint", self.info, state, self.seq, self.capture.written)
+
+    def failing(self, state: Any, error: BaseException) -> None:
+        """The run failed at ``state`` with ``error`` and is about to roll back."""
+        self.rollback = {"error": _why(error), "state": state_name(state)}
+
+    def rolling_back(
+        self,
+        store: SharedStore,
+        todo: list[Any],
+        done: list[Any],
+        errors: list[tuple[Any, BaseException]],
+    ) -> None:
+        """Checkpoint a rollback's progress: the store as last committed, the states whose
+        compensations are left (``todo``), done, or failed."""
+        rb = self.rollback
+        assert rb is not None
+        rb["todo"] = [state_name(s) for s in todo]
+        rb["done"] = [state_name(s) for s in done]
+        rb["errors"] = [(state_name(s), _why(e)) for s, e in errors]
+        self._save(store, rb["state"], {"completed": list(self.history), "rollback": rb})
 
     def completed(self, state: Any) -> None:
         """``state``'s work committed (the compensations a rollback would run)."""
@@ -105,8 +132,13 @@ class Session:
         if error is None:
             self.cs.finish(self.run_id, "completed", state_name(state), keep=self.keep)
             return
-        if isinstance(error, KeyboardInterrupt | Terminated):
-            why = f"{type(error).__name__}: stopped"
-        else:
-            why = f"{type(error).__name__}: {str(error)[:500]}"
+        why = _why(error)
+        if rolled_back and self.rollback is not None:
+            why = self.rollback["error"]  # what failed the run, not how its rollback ended
         self.cs.finish(self.run_id, "failed", None, keep=True, error=why, rolled_back=rolled_back)
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt | Terminated):
+        return f"{type(error).__name__}: stopped"
+    return f"{type(error).__name__}: {str(error)[:500]}"

@@ -1,7 +1,7 @@
 """CheckpointStore: where runs record how far they got, with their store's contents.
 
 One SQLite database in WAL mode (``synchronous=NORMAL``: survives a process crash; FULL with
-``durability="fsync"``: survives a power loss) and a directory of content-addressed data
+``durability="fsync"``: survives a power loss) and a directory of data
 files beside it (see ``files``). Tables::
 
     meta(key, value)                  schema_version

@@ -8,7 +8,10 @@ the states that completed, last first).
                     until a step returns a state (checked like any task's transition)
     failure (task, transition, join, workflow timeout):
                     for each completed state, last first: CompensationState --commit-->
+                    [checkpoint: the store and the rollback's progress] -->
                     error.compensated / error.compensation_errors
+    resume of a run that crashed while rolling back: the compensations not recorded done
+                    (the one cut short runs again) --> RolledBack
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ class Run(Protocol):
     def snapshot(self) -> Snapshot: ...
 
 
-__all__ = ["CompensationState", "StepState", "compensable", "rollback", "run_stepped"]
+__all__ = [
+    "CompensationState",
+    "StepState",
+    "compensable",
+    "compensate",
+    "rollback",
+    "run_stepped",
+]
 
 
 class StepState(TaskState):
@@ -92,21 +102,38 @@ def compensable(error: BaseException) -> bool:
 def rollback(run: Run, completed: list[Any]) -> tuple[list[Any], list[tuple[Any, BaseException]]]:
     """Run the compensations of ``completed`` states, last first, each on the store as
     last committed; return ``(states compensated, (state, error) of those that failed)``."""
-    scope = run.scope
+    todo = [s for s in reversed(completed) if s in run.scope.plan.compensations]
+    return compensate(run, todo, [], [])
+
+
+def compensate(
+    run: Run, todo: list[Any], done: list[Any], errors: list[tuple[Any, BaseException]]
+) -> tuple[list[Any], list[tuple[Any, BaseException]]]:
+    """Run the compensations of the states ``todo``, in order, after those already
+    ``done`` (or failed: ``errors``); with a checkpoint, the progress is recorded before
+    the first and after each (a crash resumes the rollback there)."""
+    scope, ckpt = run.scope, run.checkpoint
     scope.deadline = None  # the workflow's budget may be what failed: undo anyway
-    done: list[Any] = []
-    errors: list[tuple[Any, BaseException]] = []
-    for state in reversed(completed):
-        ref = scope.plan.compensations.get(state)
+    todo = list(todo)
+    if ckpt is not None:
+        ckpt.rolling_back(scope.store, todo, done, errors)
+    while todo:
+        state = todo[0]
+        ref = scope.plan.compensations.get(state)  # a resumed rollback's workflow may lack it
         if ref is None:
+            del todo[0]
             continue
         snap = run.snapshot()
+        entry = StateEntry(state, [ref], None)
         try:
-            _drive(run, CompensationState(scope, StateEntry(state, [ref], None), snap))
+            _drive(run, CompensationState(scope, entry, snap))
         except CanoError as exc:
             if isinstance(exc, Terminated):
                 raise
             errors.append((state, exc))
         else:
             done.append(state)
+        del todo[0]
+        if ckpt is not None:
+            ckpt.rolling_back(scope.store, todo, done, errors)
     return done, errors

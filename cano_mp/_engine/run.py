@@ -8,13 +8,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import _signals
+from .._errors import RolledBack
 from .._executors import Executor
 from .._log import get_logger
 from .._observe import Observers, RunInfo
 from .._store import SharedStore, Snapshot, serialise_snapshot
 from .._wire import Blob
 from .plan import Frozen, Quota, StateEntry, describe
-from .recovery import compensable, rollback, run_stepped
+from .recovery import compensable, compensate, rollback, run_stepped
 from .scope import CANCEL_GRACE, RunScope
 from .task_state import TaskState
 
@@ -110,6 +111,8 @@ class Run:
             holds_store = self.hold_store(state)
             if ckpt is not None:
                 ckpt.begin(scope.store)
+                if ckpt.resume_rollback is not None:
+                    raise self.finish_rollback(*ckpt.resume_rollback)
             while True:
                 if obs:
                     obs.emit("on_state_enter", scope.info, state)
@@ -149,10 +152,29 @@ class Run:
 
     def roll_back(self, error: BaseException) -> None:
         """Compensate the completed states; the error tells what was undone."""
+        if self.checkpoint is not None:
+            self.checkpoint.failing(self.state, error)
         done, errors = rollback(self, self.completed)
         self.rolled_back = True
         error.compensated = done  # type: ignore[attr-defined]
         error.compensation_errors = errors  # type: ignore[attr-defined]
+
+    def finish_rollback(
+        self, todo: list[Any], done: list[Any], errors: list[tuple[Any, BaseException]]
+    ) -> RolledBack:
+        """Resume a rollback that a crash cut short; return the error that ends the run."""
+        assert self.checkpoint is not None and self.checkpoint.rollback is not None
+        why = self.checkpoint.rollback["error"]
+        done, errors = compensate(self, todo, done, errors)
+        self.rolled_back = True
+        error = RolledBack(
+            f"run {self.run_id!r} failed ({why}) and was rolling back when its process "
+            f"stopped; the rollback was resumed and finished ({len(done)} compensated, "
+            f"{len(errors)} failed)"
+        )
+        error.compensated = done  # type: ignore[attr-defined]
+        error.compensation_errors = errors  # type: ignore[attr-defined]
+        return error
 
     def ended(self, state: Any, error: BaseException | None, duration: float) -> None:
         scope = self.scope

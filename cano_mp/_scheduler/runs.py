@@ -55,7 +55,10 @@ class Job:
             self._runner.cancel(grace)
 
     def discard(self) -> None:
-        """The run never starts: give back what was made for it."""
+        """The run never starts: give back what was made for it (with a checkpoint, the
+        run's lease: another process may resume it, ``runs()`` shows it is not live)."""
+        if isinstance(self._runner, Run) and self._runner.checkpoint is not None:
+            self._runner.checkpoint.cs.let_go(self._runner.run_id)
         if self._owned is not None:
             self._owned.close()
         if isinstance(self._runner, _Execution):
