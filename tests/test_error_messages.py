@@ -157,3 +157,32 @@ def test_worker_tracebacks_show_the_users_file_and_source(tmp_path: Path) -> Non
     assert f'File "{script}", line 10, in helper' in out.stdout
     assert "return 1 / x  # the failing line" in out.stdout
     assert "<dynamic-code>" not in out.stdout
+
+
+def writes_late(store: SharedStore) -> S:
+    import time
+
+    import numpy as np
+
+    time.sleep(1.0)
+    store["late"] = np.ones(1_000_000)
+    return S.DONE
+
+
+def test_closing_the_store_while_a_task_runs_says_so(pool: ProcessExecutor) -> None:
+    import threading
+
+    store = SharedStore()
+    flow = Workflow(executor=pool)
+    flow.register(S.A, writes_late, config=TaskConfig.minimal()).add_exit_state(S.DONE)
+    closer = threading.Timer(0.3, store.close)
+    closer.start()
+    try:
+        with pytest.raises(Exception) as info:
+            flow.orchestrate(S.A, store=store)
+    finally:
+        closer.join()
+        store.close()
+    text = f"{info.value} {info.value.__cause__}"
+    assert "store was closed" in text, text
+    assert "cannot be pickled" not in text

@@ -299,6 +299,8 @@ def _place(dirs: tuple[str | None, str], name: str, nbytes: int, make: Callable[
         try:
             return make(os.path.join(shm, name))
         except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise _closed_store(shm) from exc
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             reason = "is full"
@@ -319,12 +321,21 @@ def _place(dirs: tuple[str | None, str], name: str, nbytes: int, make: Callable[
     try:
         return make(os.path.join(disk, name))
     except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise _closed_store(disk) from exc
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(
                 f"no space left for a {nbytes}-byte segment in shared memory or in "
                 f"{os.path.dirname(os.path.dirname(disk))}: free some, or store less"
             ) from exc
         raise
+
+
+def _closed_store(directory: str) -> StoreError:
+    return StoreError(
+        f"the store was closed while this task ran: its directory {directory} is gone, so "
+        "the task's writes have nowhere to go (close a store only after its runs ended)"
+    )
 
 
 def _has_room(path: str, nbytes: int) -> bool:
