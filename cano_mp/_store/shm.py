@@ -295,6 +295,8 @@ def _place(dirs: tuple[str | None, str], name: str, nbytes: int, make: Callable[
     """Run ``make(path)`` in tmpfs when it has room, else (or on ENOSPC) in the temp dir."""
     global _warned_fallback
     shm, disk = dirs
+    if shm is not None and not os.path.isdir(shm):
+        raise _closed_store(shm)  # not "lacks room": statvfs of a removed directory fails
     if shm is not None and _has_room(shm, nbytes):
         try:
             return make(os.path.join(shm, name))
