@@ -184,3 +184,29 @@ def test_one_bad_flow_does_not_break_another(one_worker: ProcessExecutor) -> Non
     with pytest.raises(CanoError):
         broken.orchestrate(S.A)
     assert healthy.orchestrate(S.A) is S.DONE
+
+
+def spawns_child_and_hangs(control: Any, deadline: Any) -> int:
+    import time
+
+    child = subprocess.Popen(["sleep", "600"])
+    time.sleep(60)
+    return child.pid
+
+
+def test_killing_a_worker_with_a_child_does_not_stall_other_calls() -> None:
+    import time
+
+    with ProcessExecutor(2, reuse=False) as ex:
+        result(ex.submit(Call(returns_pid, (), ())))  # both workers up
+        hung = ex.submit(Call(spawns_child_and_hangs, (), ()))
+        time.sleep(0.5)  # its child is running
+        worst = 0.0
+        for i in range(40):
+            if i == 5:
+                ex.cancel(hung, 0.0)  # kill the worker (and its child) now
+            t0 = time.monotonic()
+            result(ex.submit(Call(returns_pid, (), ())))
+            worst = max(worst, time.monotonic() - t0)
+        # the old manager thread waited up to 1 s for the killed worker's children
+        assert worst < 0.6, worst
