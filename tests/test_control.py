@@ -201,7 +201,10 @@ try:
 except OSError as exc:
     print(json.dumps({"connect": type(exc).__name__}))
     raise SystemExit(0)
-s.sendall(b'{"op": "stop"}\\n')
+try:
+    s.sendall(b'{"op": "stop"}\\n')
+except OSError:  # refused at once: the server may have closed before we wrote
+    pass
 data = b""
 try:
     while True:
