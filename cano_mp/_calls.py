@@ -3,7 +3,8 @@
 - :func:`run_unit_call` — one attempt of a task (a Task, a Node's prep→exec→post, a
   function): the engine ships ``Call(run_unit_call, (unit blob, snapshot blob), (attempt,
   run_id, token, remote), deadline)``; the unit runs against a :class:`TaskStore` over the
-  snapshot and the call returns a :class:`~cano_mp._wire.UnitOutcome`.
+  snapshot and the call returns a :class:`~cano_mp._wire.UnitOutcome` in its wire form
+  (``UnitOutcome.to_wire``: a plain tuple).
 - :func:`run_batch_chunk` — the items of one ``BatchTask`` chunk, in order, each with its
   own timeout; returns a :class:`~cano_mp._wire.ChunkOutcome`.
 
@@ -33,7 +34,7 @@ from ._errors import Terminated
 from ._stepped import CONTINUE
 from ._store import ReadOnlyStore, TaskStore, WireSnapshot
 from ._task import Node, Task
-from ._wire import ChunkOutcome, ItemFailed, Timing, UnitOutcome, encode_error, short_repr
+from ._wire import ChunkOutcome, ItemFailed, Timing, encode_error, short_repr
 
 __all__ = ["TaskExit", "UnitSpec", "UnknownState", "run_batch_chunk", "run_unit_call"]
 
@@ -143,7 +144,7 @@ def run_unit_call(
     run_id: str,
     token: str,
     remote: bool,
-) -> UnitOutcome:
+) -> tuple[Any, ...]:
     """Run one attempt of ``units[index]``; never raises for errors of the task itself."""
     spec = units[index]
     pid = os.getpid()
@@ -163,7 +164,7 @@ def run_unit_call(
     except (Exception, SystemExit) as exc:
         store._finish(False)
         failure = encode_error(_as_failure(exc), remote, traceback.format_exc())
-        return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
+        return ("unit", None, [], failure, pid, started, time.time())
     except BaseException:
         store._finish(False)
         raise
@@ -175,8 +176,8 @@ def run_unit_call(
         state = spec.encode_state(result)
     except Exception as exc:
         failure = encode_error(exc, remote, traceback.format_exc())
-        return UnitOutcome(None, [], failure, Timing(pid, started, time.time()))
-    return UnitOutcome(state, log, None, Timing(pid, started, time.time()))
+        return ("unit", None, [], failure, pid, started, time.time())
+    return ("unit", state, log, None, pid, started, time.time())
 
 
 # -- the worker side of one chunk -------------------------------------------------------------

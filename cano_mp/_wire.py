@@ -73,6 +73,7 @@ __all__ = [
     "decode_error",
     "dumps",
     "encode_error",
+    "is_unit_outcome",
     "from_wire",
     "short_repr",
 ]
@@ -208,6 +209,22 @@ class UnitOutcome(NamedTuple):
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    # On the pipe an outcome is a plain tuple: a NamedTuple is pickled as a reference to its
+    # class (and Timing's), looked up on both sides of every call (~3 µs per class).
+    def to_wire(self) -> tuple[Any, ...]:
+        t = self.timing
+        return ("unit", self.state, self.log, self.failure, t.pid, t.started, t.ended)
+
+    @classmethod
+    def from_wire(cls, wire: tuple[Any, ...]) -> UnitOutcome:
+        _, state, log, failure, pid, started, ended = wire
+        return cls(state, log, failure, Timing(pid, started, ended))
+
+
+def is_unit_outcome(wire: object) -> bool:
+    """Whether ``wire`` is a :class:`UnitOutcome` as it travels (``to_wire``)."""
+    return type(wire) is tuple and len(wire) == 7 and wire[0] == "unit"
 
 
 class ItemFailed(NamedTuple):

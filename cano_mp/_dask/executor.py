@@ -24,7 +24,7 @@ import distributed  # type: ignore[import-not-found, unused-ignore]
 from .._errors import CanoError, ConfigError
 from .._executors.base import Capabilities, ExecutorBase, Job, JobFuture
 from .._store.byvalue import unpack_log
-from .._wire import CANCELLED, Call, WorkerDied
+from .._wire import CANCELLED, Call, UnitOutcome, WorkerDied
 from .control import Controller
 from .jobs import DaskJob, GatherFailed, drain, resolve
 from .remote import Layout, run_remote
@@ -342,7 +342,8 @@ class DaskExecutor(ExecutorBase):
         if data:
             snap = next(b.obj for b in job.call.blobs if b.category == "snapshot")
             try:
-                out = out._replace(log=unpack_log(out.log, data, snap.dirs))
+                unit = UnitOutcome.from_wire(out)
+                out = unit._replace(log=unpack_log(unit.log, data, snap.dirs)).to_wire()
             except Exception as exc:
                 self._finish(job, error=exc)
                 return

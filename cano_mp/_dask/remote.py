@@ -17,7 +17,7 @@ import cloudpickle
 
 from .._errors import CanoError
 from .._store.byvalue import ValueSnapshot, hold_snapshot, pack_log, release_snapshot
-from .._wire import BLOB_CACHE_SIZES, BlobCache, UnitOutcome
+from .._wire import BLOB_CACHE_SIZES, BlobCache, UnitOutcome, is_unit_outcome
 
 __all__ = [
     "FLAG_TTL",
@@ -150,7 +150,9 @@ def run_remote(fn: Callable[..., Any], call_id: str, layout: Layout, *rest: Any)
         flags.pop(call_id, None)
         if snap is not None:
             release_snapshot(snap)
-    if isinstance(out, UnitOutcome) and out.ok:
-        packed, data = pack_log(out.log)
-        return RemoteResult(out._replace(log=packed), data)
+    if is_unit_outcome(out):
+        unit = UnitOutcome.from_wire(out)
+        if unit.ok:
+            packed, data = pack_log(unit.log)
+            return RemoteResult(unit._replace(log=packed).to_wire(), data)
     return RemoteResult(out, {})

@@ -247,7 +247,7 @@ class TaskState:
                 self.discard(b)
                 self.attempt_failed(b, exc, None)
                 continue
-            self.outcome(b, out, overdue=b.executor is _INLINE)
+            self.outcome(b, UnitOutcome.from_wire(out), overdue=b.executor is _INLINE)
 
     def outcome(self, b: Branch, out: UnitOutcome, overdue: bool) -> None:
         """One attempt's outcome; ``overdue``: check the deadline (inline calls cannot be
@@ -436,4 +436,4 @@ class TaskState:
             b.token,
             False,
         )
-        self.outcome(b, out, overdue=True)
+        self.outcome(b, UnitOutcome.from_wire(out), overdue=True)
