@@ -126,13 +126,16 @@ def test_precreated_directory_of_another_user_is_never_adopted(tmp_path: Path) -
         open(planted, "w").write("attacker")
         os.chown(planted, {ATTACKER_UID}, {ATTACKER_UID})
         os.chown(trap, {ATTACKER_UID}, {ATTACKER_UID})
-        s = SharedStore()
-        s["x"] = np.ones(100_000)
-        print(s._dirs[0])
-        st = os.lstat(trap)
-        print(st.st_uid, oct(st.st_mode & 0o777), sorted(os.listdir(trap)))
-        s.close()
-        import shutil; shutil.rmtree(trap)
+        import shutil
+        try:
+            s = SharedStore()
+            s["x"] = np.ones(100_000)
+            print(s._dirs[0])
+            st = os.lstat(trap)
+            print(st.st_uid, oct(st.st_mode & 0o777), sorted(os.listdir(trap)))
+            s.close()
+        finally:
+            shutil.rmtree(trap)  # the attacker's directory, whatever happened
         """
     )
     assert out.returncode == 0, out.stderr
