@@ -234,8 +234,10 @@ def test_no_orphans_or_shared_memory_after_a_killed_driver() -> None:
     assert not alive, "workers outlived their killed driver"
     from cano_mp._store import janitor
 
-    assert os.path.isdir(owner_dir)
-    janitor.run_janitor(force=True)
+    # Any cano_mp process started since the kill (another test run on this machine) runs the
+    # janitor too and may have swept the directory already; a broken janitor leaves it either way.
+    if os.path.isdir(owner_dir):
+        janitor.run_janitor(force=True)
     assert not os.path.exists(owner_dir)
 
 
