@@ -486,13 +486,15 @@ def test_a_cancelled_branch_sees_the_flag_and_stops(
     started = time.monotonic()
     assert flow.orchestrate(store=store) == S.DONE
     returned = time.time()
-    assert time.monotonic() - started < 3.0
+    # Bounds under the 5 s grace: a run that waited the grace out, or a spinner killed after
+    # it (it leaves no file), still fails; anything shorter is only load on the machine.
+    assert time.monotonic() - started < 4.5
     assert store["split"].cancelled == [1]
     deadline = time.monotonic() + 5
     while not seen.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert seen.read_text() != "never"
-    assert float(seen.read_text()) - returned < 1.0  # it stopped soon after the join
+    assert float(seen.read_text()) - returned < 2.5  # it stopped soon after the join
 
 
 class Hang:
