@@ -27,6 +27,13 @@ def executor(request: pytest.FixtureRequest, pool: ProcessExecutor) -> object:
 
 
 @pytest.fixture
+def one_worker() -> Iterator[ProcessExecutor]:
+    """A private pool of one worker, its own (not reused) loky executor, closed after."""
+    with ProcessExecutor(max_workers=1, reuse=False) as ex:
+        yield ex
+
+
+@pytest.fixture
 def store() -> Iterator[SharedStore]:
     s = SharedStore()
     try:

@@ -16,7 +16,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -92,12 +91,6 @@ class S(Enum):
     A = 1
     B = 2
     DONE = 3
-
-
-@pytest.fixture
-def one_worker() -> Iterator[ProcessExecutor]:
-    with ProcessExecutor(max_workers=1, reuse=False) as ex:
-        yield ex
 
 
 # -- who can get in ----------------------------------------------------------------------
