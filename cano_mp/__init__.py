@@ -39,7 +39,7 @@ from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
 from ._observe import Observer, RunInfo
 from ._poll import PollTask
 from ._resilience import CircuitBreaker, MultiRateLimiter, RateLimiter, WindowedRateLimiter
-from ._resilience.resources import Resource
+from ._resilience.resources import Resource, ResourceError
 from ._retry import RetryPolicy, TaskConfig
 from ._stepped import Done, SteppedTask
 from ._store import SharedStore
@@ -129,6 +129,7 @@ __all__ = [
     "RateLimiter",
     "RemoteError",
     "Resource",
+    "ResourceError",
     "RetryPolicy",
     "RolledBack",
     "RunInfo",

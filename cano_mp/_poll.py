@@ -18,7 +18,7 @@ from ._public import public
 from ._retry import TaskConfig
 from ._stepped import CONTINUE
 from ._store import SharedStore
-from ._task import Task
+from ._task import Task, poll_next_states
 
 __all__ = ["PollTask", "PollUnit"]
 
@@ -39,6 +39,11 @@ class PollTask(Generic[S]):
     sleeps between polls, holding no pool slot. ``timeout`` (``None`` or ``math.inf``: no
     limit) bounds the whole wait, polls, retries and sleeps together. Only the poll that
     returns a state commits its writes to the store.
+
+    The states ``poll`` may return are declared by ``next_states`` or, as for
+    :class:`Task`, by a ``Literal`` return annotation (``None`` in it is "not yet")::
+
+        def poll(self, store) -> Literal[S.LOAD, S.GIVE_UP] | None: ...
     """
 
     interval: float | timedelta = 1.0
@@ -69,7 +74,11 @@ class PollUnit(Task[Any]):
         self.timeout = limit(getattr(polled, "timeout", None), f"{name}.timeout")
         cfg = getattr(polled, "config", None)
         self.config = cfg if cfg is not None else TaskConfig()
-        self.next_states = getattr(polled, "next_states", None)
+        declared = getattr(polled, "next_states", None)
+        if declared is None:  # as Task.run's: a ``-> Literal[S.X, S.Y] | None`` annotation
+            poll = getattr(polled, "poll", None)
+            declared = poll_next_states(poll) if callable(poll) else None
+        self.next_states = tuple(declared) if declared is not None else None
 
     @property
     def name(self) -> str:

@@ -239,8 +239,9 @@ def task(
     return wrap
 
 
-def _literal_return(fn: Callable[..., Any]) -> tuple[Any, ...] | None:
-    """States declared by a ``Literal[...]`` return annotation, or None."""
+def _literal_return(fn: Callable[..., Any], *, none_ok: bool = False) -> tuple[Any, ...] | None:
+    """States declared by a ``Literal[...]`` return annotation, or None. With ``none_ok``
+    (``PollTask.poll``: ``None`` means "not yet"), ``None`` in the annotation is left out."""
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # unresolvable forward references: nothing declared
@@ -251,21 +252,30 @@ def _literal_return(fn: Callable[..., Any]) -> tuple[Any, ...] | None:
     ret = hints.get("return")
     if ret is None:
         return None
-    return _literal_values(ret)
+    values = _literal_values(ret, none_ok)
+    return values if values else None  # a bare None / Literal[None]: nothing declared
 
 
-def _literal_values(annotation: object) -> tuple[Any, ...] | None:
+def _literal_values(annotation: object, none_ok: bool = False) -> tuple[Any, ...] | None:
     if typing.get_origin(annotation) is Literal:
-        return tuple(typing.get_args(annotation))
+        args = typing.get_args(annotation)
+        return tuple(a for a in args if a is not None) if none_ok else tuple(args)
     if typing.get_origin(annotation) in (typing.Union, __import__("types").UnionType):
         values: list[Any] = []
         for arg in typing.get_args(annotation):
-            inner = _literal_values(arg)
+            if none_ok and arg is type(None):
+                continue
+            inner = _literal_values(arg, none_ok)
             if inner is None:
                 return None
             values.extend(inner)
         return tuple(values)
     return None
+
+
+def poll_next_states(fn: Callable[..., Any]) -> tuple[Any, ...] | None:
+    """States declared by a ``poll`` method's return annotation (``Literal[...] | None``)."""
+    return _literal_return(fn, none_ok=True)
 
 
 def declared_next_states(unit: object) -> tuple[Any, ...] | None:

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -22,6 +22,7 @@ from cano_mp import (
     TaskConfig,
     TaskError,
     TaskTimeout,
+    TransitionError,
     Workflow,
 )
 
@@ -199,3 +200,45 @@ def test_interval_and_timeout_are_checked(tmp_path: Path) -> None:
 
     (tmp_path / "x").touch()
     assert flow(InlineExecutor(), NoLimit(tmp_path / "x", tmp_path / "l")).orchestrate() == S.DONE
+
+
+class Annotated(PollTask[S]):
+    """Declares its next states only through poll()'s return annotation."""
+
+    interval = 0.01
+
+    def __init__(self, answer: S, log: Path) -> None:
+        self.answer, self.log = answer, log
+
+    def poll(self, store: SharedStore) -> Literal[S.FOUND] | None:
+        with self.log.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        first = len(polls(self.log)) < 2  # "not yet" once
+        return None if first else self.answer  # type: ignore[return-value]
+
+
+class TwoStates(PollTask[S]):
+    def poll(self, store: SharedStore) -> Literal[S.FOUND, S.DONE] | None:
+        return S.DONE
+
+
+def test_poll_return_annotation_declares_the_next_states(ex: Any, tmp_path: Path) -> None:
+    # Validation and the diagram see the Literal, as for Task.run, and "None" is not a state.
+    found = Annotated(S.FOUND, tmp_path / "found")
+    lonely = Workflow(start=S.WAIT).register(S.WAIT, found).add_exit_state(S.DONE)
+    with pytest.raises(ConfigError, match="declares next state FOUND"):
+        lonely.validate()
+    mermaid = flow(ex, found).to_mermaid()
+    assert "WAIT --> FOUND" in mermaid and "None" not in mermaid
+    both = flow(ex, TwoStates()).to_mermaid()
+    assert "WAIT --> FOUND" in both and "WAIT --> DONE" in both
+    # At run time too: the declared states bind, after a "not yet" poll went through.
+    assert flow(ex, found).orchestrate() is S.DONE
+    assert len(polls(tmp_path / "found")) == 2
+    with pytest.raises(TransitionError, match="does not declare"):
+        flow(ex, Annotated(S.DONE, tmp_path / "done")).orchestrate()
+    assert len(polls(tmp_path / "done")) == 2
+    # An explicit next_states still wins over the annotation.
+    explicit = Annotated(S.DONE, tmp_path / "explicit")
+    explicit.next_states = (S.FOUND, S.DONE)
+    assert flow(ex, explicit).orchestrate() is S.DONE

@@ -18,6 +18,7 @@ from cano_mp import (
     JoinStrategy,
     ProcessExecutor,
     Resource,
+    ResourceError,
     RetryPolicy,
     SharedStore,
     Task,
@@ -149,6 +150,41 @@ def test_a_setup_that_always_fails_says_which_resource(tmp_path: Path) -> None:
     )
     with pytest.raises(TaskError, match=r"setup of resource 'db'.*ConnectionError"):
         flow.orchestrate()
+
+
+def test_a_failing_setup_surfaces_as_the_public_resource_error(
+    pool: ProcessExecutor, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "journal", fail_setups=99)
+    flow = (
+        Workflow(start=S.GO, executor=pool, resources={"db": journal.resource()})
+        .register(S.GO, Uses())
+        .add_exit_state(S.DONE)
+    )
+    with pytest.raises(TaskError) as info:
+        flow.orchestrate()
+    cause = info.value.__cause__
+    assert isinstance(cause, ResourceError), repr(cause)  # typed across the process boundary
+    assert type(cause).__module__ == "cano_mp" and "setup of resource 'db'" in str(cause)
+    setups = [pid for pid, what in journal.lines() if what == "setup"]
+    assert len(setups) == 3 and os.getpid() not in setups  # each attempt tried it again
+
+    def fallback(store: SharedStore) -> S:
+        try:
+            task_context().resources["db"]
+        except ResourceError:  # task code can catch it by name
+            store["fallback"] = True
+        return S.DONE
+
+    inline = (
+        Workflow(start=S.GO, executor="inline", resources={"db": journal.resource()})
+        .register(S.GO, fallback)
+        .add_exit_state(S.DONE)
+    )
+    with SharedStore() as store:
+        assert inline.orchestrate(store=store) is S.DONE
+        assert store["fallback"] is True
+    assert inline.check_health() == {"db": False}
 
 
 def test_check_health_probes_the_driver_and_reports_the_workers(

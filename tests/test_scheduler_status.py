@@ -7,13 +7,23 @@ import logging
 import os
 import stat
 import threading
+import time
 from datetime import UTC, datetime
 from enum import Enum, auto
 from pathlib import Path
 
 import pytest
 
-from cano_mp import FlowInfo, FlowStatus, Scheduler, SharedStore, Workflow, task
+from cano_mp import (
+    FlowInfo,
+    FlowStatus,
+    Resource,
+    Scheduler,
+    SharedStore,
+    Workflow,
+    task,
+    task_context,
+)
 from cano_mp._scheduler.status import write_status_file
 
 NOW = datetime(2026, 5, 1, 8, 30, tzinfo=UTC)
@@ -113,3 +123,56 @@ def test_stop_writes_a_last_status_with_stopped_and_its_time(tmp_path: Path) -> 
     sched.stop()  # a second stop does not write again, nor does a pause after the stop
     sched.pause("m")
     assert json.loads(path.read_text()) == data
+
+
+@task(inline=True)
+def use_db(store: SharedStore) -> S:
+    store["db"] = task_context().resources["db"]["n"]
+    return S.DONE
+
+
+def test_the_status_file_shows_resource_health(tmp_path: Path) -> None:
+    up = tmp_path / "db-is-up"
+    up.touch()
+    probes = tmp_path / "probes"
+
+    def health(value: dict[str, int]) -> bool:
+        with probes.open("a") as f:
+            f.write("probe\n")
+        return up.exists()
+
+    resources = {
+        "db": Resource(setup=lambda: {"n": 1}, health=health),
+        "cache": Resource(setup=dict, health=lambda v: False),
+    }
+    with_res = (
+        Workflow(start=S.GO, executor="inline", resources=resources)
+        .register(S.GO, use_db)
+        .add_exit_state(S.DONE)
+    )
+    path = tmp_path / "status.json"
+    sched = Scheduler(status_file=str(path))
+    sched.manual("res", with_res, S.GO).manual("plain", flow(), S.GO)
+    sched.start()
+    try:
+        flows = {f["id"]: f for f in json.loads(path.read_text())["flows"]}
+        assert flows["res"]["resources"] == {"db": True, "cache": False}
+        assert "resources" not in flows["plain"]  # no resources: nothing to report
+        up.unlink()  # the database goes down: the next file written says so
+        sched.trigger("res")
+        end = time.monotonic() + 60
+        while True:
+            flows = {f["id"]: f for f in json.loads(path.read_text())["flows"]}
+            if flows["res"]["run_count"] == 1 and flows["res"]["status"] == "completed":
+                break
+            assert time.monotonic() < end, flows
+            time.sleep(0.02)
+        assert flows["res"]["resources"] == {"db": False, "cache": False}
+        assert "resources" not in flows["plain"]
+        probed = len(probes.read_text().splitlines())
+    finally:
+        sched.stop()
+    data = json.loads(path.read_text())
+    assert data["stopped"] is True
+    assert data["flows"][0]["resources"] == {"db": False, "cache": False}  # the last verdicts
+    assert len(probes.read_text().splitlines()) == probed  # stop() probes nothing

@@ -147,6 +147,42 @@ def test_serve_marks_its_status_file_stopped_and_private(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idle.py", "status.json"]
 
 
+def test_serve_status_file_shows_resource_health(tmp_path: Path) -> None:
+    script = tmp_path / "res.py"
+    up = tmp_path / "up"
+    up.touch()
+    script.write_text(
+        "import os\n"
+        "from enum import Enum\n"
+        "from cano_mp import Resource, Scheduler, Workflow, task, task_context\n"
+        "class S(Enum):\n"
+        "    GO = 1\n"
+        "    DONE = 2\n"
+        "@task(inline=True)\n"
+        "def go(store):\n"
+        "    task_context().resources['db']\n"
+        "    return S.DONE\n"
+        f"db = Resource(setup=dict, health=lambda v: os.path.exists({str(up)!r}))\n"
+        "flow = Workflow(start=S.GO, executor='inline', resources={'db': db})\n"
+        "flow.register(S.GO, go).add_exit_state(S.DONE)\n"
+        "sched = Scheduler().every_seconds('tick', flow, S.GO, 0.2)\n"
+    )
+    status = tmp_path / "status.json"
+    proc = start(tmp_path, f"{script}:sched", "--status-file", str(status))
+    try:
+        wait_until(lambda: read_status(status).get("tick", {}).get("resources") == {"db": True})
+        up.unlink()
+        wait_until(lambda: read_status(status).get("tick", {}).get("resources") == {"db": False})
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert json.loads(status.read_text())["flows"][0]["resources"] == {"db": False}
+
+
 def test_serve_rejects_a_bad_stop_timeout_in_one_line(tmp_path: Path) -> None:
     for bad in ("nan", "-1"):
         proc = start(tmp_path, "examples/daemon.py:build", "--stop-timeout", bad)

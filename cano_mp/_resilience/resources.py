@@ -43,8 +43,22 @@ T = TypeVar("T")
 
 
 class ResourceError(CanoError):
-    """A resource's ``setup`` failed (``__cause__`` is its exception); it is tried again on
-    the next use."""
+    """A resource's ``setup`` failed; it is tried again on the next use.
+
+    Raised by ``task_context().resources[name]`` (and :meth:`Workflow.check_health` reports
+    ``False`` for it). In task code it can be caught to fall back; a task that lets it
+    propagate fails that attempt, its retry policy decides, and the :class:`TaskError`
+    that ends the run has it as ``__cause__``::
+
+        try:
+            flow.orchestrate()
+        except TaskError as err:
+            if isinstance(err.__cause__, ResourceError):
+                ...  # the database never came up
+
+    Its message names the resource, the workflow, the process and the setup's exception
+    (``__cause__`` of the ``ResourceError`` itself when it was raised in this process).
+    """
 
 
 class Resource(Generic[T]):

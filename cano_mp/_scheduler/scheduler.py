@@ -78,7 +78,9 @@ class Scheduler(Registration):
         max_concurrent_runs: most runs going on at once, across flows; due runs wait for a
             free slot. ``None``: no limit.
         status_file: a path rewritten atomically (JSON of every FlowInfo) after each run,
-            mode 0600; ``stop()`` writes it a last time with ``"stopped": true``.
+            mode 0600; ``stop()`` writes it a last time with ``"stopped": true``. A flow
+            whose workflow has resources also shows ``"resources"``: its
+            ``Workflow.check_health()`` at the time of writing.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Scheduler(Registration):
         self._stopping = False
         self._stopped = threading.Event()
         self._rng = random.Random()
+        self._last_health: dict[str, dict[str, bool]] = {}  # flow id -> check_health()
         self.lateness: deque[float] = deque(maxlen=100_000)
         """Seconds between each run's due time and its start (latest 100,000)."""
 
@@ -435,9 +438,33 @@ class Scheduler(Registration):
         if path is None:
             return
         try:
-            write_status_file(path, self.list(), _wall_now(), stopped=stopped)
+            write_status_file(
+                path, self.list(), _wall_now(), stopped=stopped, health=self._health(stopped)
+            )
         except OSError as exc:
             log.error("could not write the status file %s: %s", path, exc)
+
+    def _health(self, stopped: bool) -> dict[str, dict[str, bool]]:
+        """``check_health()`` of each flow whose workflow has resources (the last verdicts
+        once stopping: the pool may be gone). A probe that raises is logged, never fatal."""
+        if stopped:
+            return dict(self._last_health)
+        with self._lock:
+            flows = [(f.spec.id, f.spec.workflow) for f in self._flows.values()]
+        report: dict[str, dict[str, bool]] = {}
+        seen: dict[int, dict[str, bool]] = {}  # a workflow shared by flows: probed once
+        for flow_id, wf in flows:
+            if wf._resources is None:  # no resources: nothing to report
+                continue
+            if id(wf) not in seen:
+                try:
+                    seen[id(wf)] = wf.check_health()
+                except Exception:
+                    log.warning("check_health() of flow %r failed", flow_id, exc_info=True)
+                    continue
+            report[flow_id] = seen[id(wf)]
+        self._last_health.update(report)
+        return report
 
 
 def _fmt_wall(due: float, mono: float) -> str:

@@ -8,6 +8,11 @@ and ``"stopped_at"``::
     {"updated": "2026-...+00:00", "pid": 4242, "stopped": false, "stopped_at": null,
      "flows": [FlowInfo.to_json(), ...]}
 
+A flow whose workflow has resources (``Workflow(resources=...)``) carries one more key,
+``"resources": {"db": true, ...}``: ``Workflow.check_health()`` when the file was written
+(the driver's instance probed, and-ed with the last verdict a worker recorded); the last
+file, written by ``stop()``, repeats the verdicts written before it.
+
 It is written to a temporary file next to it, with an unguessable name, created with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600, then renamed over the target: a link
 planted at either name is replaced, never written through, and the file is readable by its
@@ -20,6 +25,7 @@ import enum
 import html
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -94,16 +100,28 @@ class FlowInfo:
 
 
 def write_status_file(
-    path: str, flows: list[FlowInfo], now: datetime, *, stopped: bool = False
+    path: str,
+    flows: list[FlowInfo],
+    now: datetime,
+    *,
+    stopped: bool = False,
+    health: Mapping[str, Mapping[str, bool]] | None = None,
 ) -> None:
-    """Replace ``path`` with the JSON of ``flows`` (see the module docstring). Raises
-    ``OSError`` (the caller logs it: a status file never stops the scheduler)."""
+    """Replace ``path`` with the JSON of ``flows`` (see the module docstring); a flow id in
+    ``health`` gets ``"resources": {name: healthy}``. Raises ``OSError`` (the caller logs
+    it: a status file never stops the scheduler)."""
+    entries = []
+    for info in flows:
+        entry = info.to_json()
+        if health is not None and info.id in health:
+            entry["resources"] = dict(health[info.id])
+        entries.append(entry)
     data = {
         "updated": now.isoformat(),
         "pid": os.getpid(),
         "stopped": stopped,
         "stopped_at": now.isoformat() if stopped else None,
-        "flows": [info.to_json() for info in flows],
+        "flows": entries,
     }
     # Through a temporary file with a random name (O_EXCL | O_NOFOLLOW), then a rename: a
     # reader sees the old file or the new one, and nothing is written through a link. Not
