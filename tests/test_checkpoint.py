@@ -64,7 +64,7 @@ class Recorder(Observer):
         self.events.append(("resume", state, seq))
 
 
-def pipeline(db: Path, executor: Any, **kw: Any) -> Workflow[S]:
+def pipeline(db: Path | CheckpointStore, executor: Any, **kw: Any) -> Workflow[S]:
     return (
         Workflow(start=S.LOAD, checkpoint=db, executor=executor, **kw)
         .register(S.LOAD, load)
@@ -304,3 +304,63 @@ def test_data_files_are_written_where_sendfile_is_refused(
     wf.store.clear()
     assert wf.resume("r") == S.DONE
     assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)
+
+
+def test_the_async_entry_points_checkpoint_and_resume(tmp_path: Path, ex: Any) -> None:
+    import asyncio
+
+    marker = tmp_path / "fail"
+    marker.touch()
+    cs = CheckpointStore(tmp_path / "runs.db")  # a CheckpointStore instance, not a path
+    wf = pipeline(cs, ex)
+    assert wf.checkpoint_store is cs
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        asyncio.run(wf.orchestrate_async(run_id="a1"))
+    assert wf.last_run_id == "a1"
+    (run,) = cs.runs()
+    assert (run.run_id, run.status, run.state) == ("a1", "failed", "DOUBLE")
+    marker.unlink()
+    with SharedStore() as other:  # resume into another store: it gets the checkpoint's data
+        assert asyncio.run(wf.resume_async("a1", store=other)) == S.DONE
+        assert other["total"] == float(np.arange(100_000.0).sum() * 2)
+    assert cs.runs()[0].status == "completed"
+    assert asyncio.run(wf.resume_async("a1")) == S.DONE  # completed: nothing runs again
+
+
+def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "runs.db"
+    CheckpointStore(db).close()
+    with sqlite3.connect(db) as conn:
+        (version,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert int(version) >= 1
+        conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    conn.close()
+    with pytest.raises(ConfigError, match="schema version 99"):
+        CheckpointStore(db)
+
+
+def test_resume_removes_what_a_crash_left_in_the_data_directory(tmp_path: Path) -> None:
+    marker = tmp_path / "fail"
+    marker.touch()
+    wf = pipeline(tmp_path / "runs.db", "inline")
+    wf.store["marker"] = str(marker)
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r")
+    data = tmp_path / "runs.db.data"
+    named = {f for f in os.listdir(data) if not f.startswith(".")}
+    assert named  # the arrays of the checkpoints
+    # A driver killed mid-write leaves a temp file; killed between the rename and the row's
+    # commit, a complete file that no row names.
+    for leftover in (".0123456789abcdef.0123456789ab.tmp", "f" * 32):
+        fd = os.open(data / leftover, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"x" * 1000)
+        os.close(fd)
+    marker.unlink()
+    wf.store.clear()
+    assert wf.resume("r") == S.DONE
+    assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)
+    left = set(os.listdir(data))
+    assert ".0123456789abcdef.0123456789ab.tmp" not in left and "f" * 32 not in left

@@ -21,6 +21,7 @@ from cano_mp import CheckpointStore
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "ckpt_pipeline.py"
 TRIALS = int(os.environ.get("CKPT_TRIALS", "6"))
+ARRAY_MB = float(os.environ.get("CKPT_ARRAY_MB", "8"))  # read by ckpt_pipeline.py too
 
 
 def _run(db: Path, run_id: str, how: str, out: Path) -> subprocess.Popen[bytes]:
@@ -58,13 +59,16 @@ def test_every_resume_after_a_sigkill_ends_with_the_store_of_an_uninterrupted_ru
     ref2.communicate(timeout=120)
     span = time.monotonic() - t0
     db = tmp_path / "runs.db"
-    mid_run = 0
+    mid_run = in_write = 0
     for trial in range(TRIALS):
         run_id = f"t{trial}"
         proc = _run(db, run_id, "start", tmp_path / f"{run_id}.npz")
         time.sleep(rng.uniform(0.3, span))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
+        data = Path(f"{db}.data")
+        if data.is_dir() and any(p.name.endswith(".tmp") for p in data.iterdir()):
+            in_write += 1  # killed while writing a data file (resume removes the temp)
         recs = {r.run_id: r for r in CheckpointStore(db).runs()}
         finished = run_id in recs and recs[run_id].status == "completed"
         if run_id not in recs:
@@ -80,6 +84,10 @@ def test_every_resume_after_a_sigkill_ends_with_the_store_of_an_uninterrupted_ru
         assert resumed.returncode == 0, rerr.decode()
         assert _same(_load(tmp_path / f"{run_id}.npz"), expected), f"trial {trial}"
         mid_run += 1
+    print(f"{TRIALS} trials ({ARRAY_MB:g} MiB): {mid_run} resumed mid-run, {in_write} killed "
+          "while writing a checkpoint data file")  # fmt: skip
     assert mid_run >= TRIALS // 2  # most kills land mid-run: the test is not vacuous
+    if TRIALS >= 20 and ARRAY_MB >= 100:  # the proof: some kills hit a data file write
+        assert in_write >= 1
     for rec in CheckpointStore(db).runs():
         assert rec.status in ("completed", "running"), rec

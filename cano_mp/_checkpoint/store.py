@@ -253,6 +253,9 @@ class CheckpointStore:
                 (*_me(), time.time(), run_id),
             )
         self._hold(run_id)
+        # What a crash left in the data directory: a temp file cut short, or a file renamed
+        # into place before the row naming it committed. Named by no row: removed.
+        self.collect()
         return Saved(rec, ck[0], ck[1], pickle.loads(ck[2]), pickle.loads(ck[3]))
 
     def let_go(self, run_id: str) -> None:
