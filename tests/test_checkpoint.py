@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 
 from cano_mp import (
+    BatchTask,
     CheckpointStore,
     ConfigError,
     InlineExecutor,
+    JoinConfig,
+    JoinError,
+    JoinStrategy,
     Observer,
     ProcessExecutor,
     RunInfo,
@@ -25,6 +29,7 @@ from cano_mp import (
     TaskConfig,
     TaskError,
     Workflow,
+    task,
 )
 
 
@@ -364,3 +369,90 @@ def test_resume_removes_what_a_crash_left_in_the_data_directory(tmp_path: Path) 
     assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)
     left = set(os.listdir(data))
     assert ".0123456789abcdef.0123456789ab.tmp" not in left and "f" * 32 not in left
+
+
+class W(enum.Enum):
+    BATCH = 1
+    SPLIT = 2
+    DONE = 3
+
+
+class Journal:
+    """Lines "<what> <n>" appended to a file: what ran, in which run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def note(self, what: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(what + "\n")
+
+    def lines(self) -> list[str]:
+        return Path(self.path).read_text().splitlines() if os.path.exists(self.path) else []
+
+
+class Items(BatchTask[W, int, int]):
+    config = TaskConfig.minimal()
+    chunk_size = 1
+
+    def __init__(self, journal: Journal, fail: Path) -> None:
+        self.journal, self.fail = journal, str(fail)
+
+    def load(self, store: SharedStore) -> range:
+        return range(4)
+
+    def process(self, item: int) -> int:
+        self.journal.note(f"item {item}")
+        if item == 2 and os.path.exists(self.fail):
+            raise RuntimeError("item 2 fails on purpose")
+        return item * 10
+
+    def finish(self, store: SharedStore, results: list[int]) -> W:
+        store["items"] = results
+        return W.SPLIT
+
+
+def branch(journal: Journal, k: int, fail: Path) -> Any:
+    @task(config=TaskConfig.minimal())
+    def run(store: SharedStore) -> W:
+        journal.note(f"branch {k}")
+        if k == 2 and fail.exists():
+            raise RuntimeError("branch 2 fails on purpose")
+        store[f"b{k}"] = k
+        return W.DONE
+
+    return run
+
+
+def test_a_batch_and_a_split_resume_as_a_whole(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    fail_item, fail_branch = tmp_path / "fail-item", tmp_path / "fail-branch"
+    fail_item.touch()
+    fail_branch.touch()
+    wf = (
+        Workflow(start=W.BATCH, checkpoint=tmp_path / "runs.db", executor="inline")
+        .register(W.BATCH, Items(journal, fail_item))
+        .register_split(
+            W.SPLIT,
+            [branch(journal, k, fail_branch) for k in range(3)],
+            JoinConfig(JoinStrategy.all(), W.DONE),
+        )
+        .add_exit_state(W.DONE)
+    )
+    with pytest.raises(TaskError):
+        wf.orchestrate(run_id="r")
+    assert journal.lines() == ["item 0", "item 1", "item 2"]  # item 3 never ran
+    fail_item.unlink()
+    with pytest.raises(JoinError):
+        wf.resume("r")  # the batch again, whole; then the split fails
+    ran = journal.lines()[3:]
+    assert ran[:4] == ["item 0", "item 1", "item 2", "item 3"]
+    assert sorted(ran[4:]) == ["branch 0", "branch 1", "branch 2"]
+    assert CheckpointStore(tmp_path / "runs.db").get("r").state == "SPLIT"  # type: ignore[union-attr]
+    fail_branch.unlink()
+    wf.store.clear()
+    assert wf.resume("r") == W.DONE
+    again = journal.lines()[3 + len(ran) :]
+    assert sorted(again) == ["branch 0", "branch 1", "branch 2"]  # every branch, not only 2
+    assert wf.store["items"] == [0, 10, 20, 30]  # restored from the SPLIT checkpoint
+    assert [wf.store[f"b{k}"] for k in range(3)] == [0, 1, 2]

@@ -10,8 +10,9 @@ and ``"stopped_at"``::
 
 A flow whose workflow has resources (``Workflow(resources=...)``) carries one more key,
 ``"resources": {"db": true, ...}``: ``Workflow.check_health()`` when the file was written
-(the driver's instance probed, and-ed with the last verdict a worker recorded); the last
-file, written by ``stop()``, repeats the verdicts written before it.
+(the driver's instance probed, set up on the first write if no inline task did it, and-ed
+with the last verdict a worker recorded); the last file, written by ``stop()``, repeats the
+verdicts written before it without probing.
 
 It is written to a temporary file next to it, with an unguessable name, created with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600, then renamed over the target: a link
