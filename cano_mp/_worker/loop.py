@@ -91,6 +91,10 @@ def worker_main(
         except BaseException:
             conn.send(tuple(InitFailed("init_failed", traceback.format_exc())))
             return
+    try:
+        conn.send(("ready",))  # the pool's warm() waits for this
+    except OSError:
+        return  # the driver is gone
     _serve(conn, control, max_tasks, Health())
     sys.exit(0)
 
