@@ -104,9 +104,9 @@ class ForkServerContext:
 
 def _forked_main(target: Callable[..., Any], conn: Connection, payload: bytes) -> None:
     """A forked worker's first function: the arguments that did not travel as fds."""
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:  # preloaded: its legacy global generator would be the server's
-        numpy.random.seed()
+    random = sys.modules.get("numpy.random")
+    if random is not None:  # preloaded: its legacy global generator would be the server's
+        random.seed()
     target(conn, *cloudpickle.loads(payload))
 
 
