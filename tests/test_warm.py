@@ -220,3 +220,81 @@ def test_forked_workers_do_not_share_numpy_s_global_random_state(tmp_path: Path)
 def test_bad_start_options_are_config_errors(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         ProcessExecutor(reuse=False, **kwargs)  # type: ignore[arg-type]
+
+
+CLI_FLOW = """\
+import os, sys, time
+import psutil
+from cano_mp import Workflow
+
+OUT = os.environ["CANO_TEST_OUT"]
+if os.environ.get("CANO_TEST_WAIT_WORKERS"):  # --warm: the workers start during this import
+    deadline = time.monotonic() + 60
+    while len(psutil.Process().children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(OUT + ".import", "w") as f:
+        f.write(str(len(psutil.Process().children())))
+
+def work(store):
+    server = psutil.Process(os.getppid())
+    with open(OUT, "w") as f:
+        f.write(repr((os.getpid(), server.pid, server.ppid(), server.cmdline())))
+    return "done"
+
+flow = Workflow(start="work", name="cli").register("work", work).add_exit_state("done")
+"""
+
+
+def _cli(tmp_path: Path, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "cliflow.py").write_text(CLI_FLOW)
+    return subprocess.run(
+        [sys.executable, "-m", "cano_mp", "run", "cliflow.py:flow", "--workers", "2", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "CANO_TEST_OUT": str(tmp_path / "out"), **env},
+    )
+
+
+def test_cli_fork_server_forks_workers_from_a_copy_of_itself(tmp_path: Path) -> None:
+    out = _cli(tmp_path, "--fork-server", "--warm")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"
+    worker, server, driver, server_cmdline = eval((tmp_path / "out").read_text())
+    assert server != driver and worker != server
+    # The server is a fork of the driver (its command line), not a fresh interpreter
+    # (which would run "-c from multiprocessing.forkserver import main; ...").
+    assert "cliflow.py:flow" in server_cmdline
+    assert "multiprocessing.forkserver" not in " ".join(server_cmdline)
+
+
+def test_cli_without_flags_runs_workers_as_fresh_interpreters(tmp_path: Path) -> None:
+    out = _cli(tmp_path)
+    assert out.returncode == 0, out.stderr
+    _worker, _parent, _grand, parent_cmdline = eval((tmp_path / "out").read_text())
+    assert "cliflow.py:flow" in parent_cmdline  # the worker's parent is the driver itself
+
+
+def test_cli_warm_starts_workers_while_the_target_imports(tmp_path: Path) -> None:
+    out = _cli(tmp_path, "--warm", CANO_TEST_WAIT_WORKERS="1")
+    assert out.returncode == 0, out.stderr
+    assert int((tmp_path / "out.import").read_text()) >= 2
+
+
+def test_cli_fork_server_leaves_a_workflow_s_own_executor_alone(tmp_path: Path) -> None:
+    (tmp_path / "inl.py").write_text(
+        "import os\nfrom cano_mp import Workflow\n"
+        "def work(store):\n    store['pid'] = os.getpid()\n    return 'done'\n"
+        "flow = Workflow(start='work', executor='inline').register('work', work)\n"
+        "flow.add_exit_state('done')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "cano_mp", "run", "inl.py:flow", "--fork-server", "--warm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done"

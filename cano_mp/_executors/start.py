@@ -27,11 +27,24 @@ workers by value through cloudpickle).
 
 from __future__ import annotations
 
+import atexit
+import inspect
 import io
 import os
+import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from multiprocessing import forkserver, popen_forkserver, process, reduction, spawn, util
+from multiprocessing import (
+    connection,
+    forkserver,
+    popen_forkserver,
+    process,
+    reduction,
+    resource_tracker,
+    spawn,
+    util,
+)
 from multiprocessing.connection import Connection, Pipe
 from multiprocessing.context import set_spawning_popen
 from typing import Any
@@ -41,7 +54,7 @@ from loky.backend.context import get_context
 
 from .._worker.loop import worker_main
 
-__all__ = ["ForkServerContext", "start_worker"]
+__all__ = ["ForkServerContext", "fork_template", "start_worker"]
 
 #: Always imported by the server: what every worker runs.
 WORKER_MODULES = ("cano_mp._worker.loop", "cano_mp._executors.start")
@@ -70,19 +83,22 @@ def start_worker(
 
 class ForkServerContext:
     """What ``Pool`` needs of a start context (``Pipe``, ``Process``), with workers forked
-    from a fork server that imported ``preload`` first; :meth:`close` stops the server."""
+    from a fork server that imported ``preload`` first; :meth:`close` stops the server.
+    With no ``preload``, the process's template (:func:`fork_template`) serves if it runs."""
 
     def __init__(self, preload: Sequence[str]) -> None:
         self.preload = tuple(preload)
-        self._server = forkserver.ForkServer()
-        self._server.set_forkserver_preload([*WORKER_MODULES, *self.preload])
+        self._own = preload or _template is None
+        self._server: Any = forkserver.ForkServer() if self._own else _template
+        if self._own:
+            self._server.set_forkserver_preload([*WORKER_MODULES, *self.preload])
 
     def start(self) -> None:
         """Start the server now (else at the first worker's start)."""
         self._server.ensure_running()
 
     def server_pid(self) -> int | None:
-        pid = self._server._forkserver_pid  # type: ignore[attr-defined]
+        pid = self._server._forkserver_pid
         return int(pid) if pid is not None else None
 
     def Pipe(self, duplex: bool = True) -> tuple[Connection, Connection]:
@@ -95,9 +111,12 @@ class ForkServerContext:
         return _Process(self._server, (target, conn, cloudpickle.dumps(rest)), name)
 
     def close(self) -> None:
-        """Stop the server (the workers it forked are the pool's to stop)."""
+        """Stop the server (the workers it forked are the pool's to stop); the template
+        stays for the next pool (stopped at exit)."""
+        if not self._own:
+            return
         try:
-            self._server._stop()  # type: ignore[attr-defined]
+            self._server._stop()
         except (OSError, ChildProcessError):  # pragma: no cover - already gone
             pass
 
@@ -152,3 +171,61 @@ class _ServerPopen(popen_forkserver.Popen):
         with open(w, "wb", closefd=True) as f:
             f.write(buf.getbuffer())
         self.pid = forkserver.read_signed(self.sentinel)
+
+
+_template: Any = None  # the fork server fork_template() made, if any
+
+
+def fork_template() -> bool:
+    """Make this process's template for workers: a fork server *forked* from it now (a
+    few ms), not a fresh interpreter. ``cano-mp run --fork-server`` calls it before it
+    imports the target: the process is then single-threaded and has imported cano_mp and
+    nothing of the user's, so a fork of it is what a fresh worker would be once it
+    imported cano_mp. Later pools with ``start_method="forkserver"`` and no ``preload``
+    fork their workers from it. Refused (returns False) once the process has more than
+    one thread; returns True when the template runs."""
+    global _template
+    if _template is not None:
+        return True
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        return False
+    if "authkey_r" in inspect.signature(forkserver.main).parameters:  # pragma: no cover
+        return False  # a newer protocol than the one forked below
+    server = forkserver.ForkServer()
+    resource_tracker.ensure_running()  # each child gets its fd through the server
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")  # type: ignore[attr-defined]
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the template; it leaves by os._exit
+            _serve_as_template(listener.fileno(), alive_r, alive_w)
+        os.close(alive_r)
+    # What ForkServer.ensure_running records; it execs a fresh server if this one dies.
+    server.set_forkserver_preload(list(WORKER_MODULES))
+    server._forkserver_address = address  # type: ignore[attr-defined]
+    server._forkserver_alive_fd = alive_w  # type: ignore[attr-defined]
+    server._forkserver_pid = pid  # type: ignore[attr-defined]
+    _template = server
+    atexit.register(server._stop)  # type: ignore[attr-defined]
+    return True
+
+
+def _serve_as_template(listener: int, alive_r: int, alive_w: int) -> None:  # pragma: no cover
+    code = 1
+    try:
+        os.close(alive_w)  # EOF on alive_r: the driver is gone, the server exits
+        for fd in map(int, os.listdir("/proc/self/fd")):  # the driver's files stay its own
+            if fd > 2 and fd not in (listener, alive_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        forkserver.main(listener, alive_r, list(WORKER_MODULES))
+    except SystemExit:
+        code = 0
+    finally:
+        os._exit(code)  # never the driver's atexit handlers
