@@ -44,7 +44,6 @@ from typing import Any, Literal, NoReturn
 
 from ._errors import CanoError, ConfigError, TaskError
 from ._executors import ProcessExecutor
-from ._executors.start import fork_template
 from ._log import get_logger
 from ._workflow import Workflow
 
@@ -412,6 +411,8 @@ def _early_pool(args: argparse.Namespace) -> ProcessExecutor | None:
     made before the target is imported (``--fork-server`` forks its template then)."""
     if not (args.warm or args.fork_server):
         return None
+    from ._executors.forkserver import fork_template
+
     if args.fork_server and not fork_template():  # pragma: no cover - threads already
         get_logger("cano_mp.cli").info("--fork-server: a fresh fork server (threads run)")
     start: Literal["loky", "forkserver"] = "forkserver" if args.fork_server else "loky"

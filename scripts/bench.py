@@ -666,6 +666,7 @@ def case_startup(o: Opts) -> None:
             "cli": (run, "done"),
             "cli --warm": ([*run, "--warm"], "done"),
             "cli --fork-server": ([*run, "--fork-server"], "done"),
+            "cli --fork-server --warm": ([*run, "--fork-server", "--warm"], "done"),
             "script, warm() first": ([py, str(flow_py), "--warmed"], "done"),
             "script, forkserver + preload": ([py, str(flow_py), "--preload"], "done"),
             "mp.Pool (fork)": ([py, str(peer_py), "pool"], "done"),
@@ -713,6 +714,7 @@ def _startup_first_results(t: dict[str, tuple[float, float]]) -> None:
         ("cli", "cano-mp run (default: fresh interpreters)", False),
         ("cli --warm", "cano-mp run --warm", False),
         ("cli --fork-server", "cano-mp run --fork-server", True),
+        ("cli --fork-server --warm", "cano-mp run --fork-server --warm", False),
         ("script, warm() first", "script: executor.warm(), then orchestrate()", False),
         ("script, forkserver + preload", "script: forkserver, preload numpy", False),
     ):

@@ -170,6 +170,15 @@ def test_the_fork_server_runs_tasks_with_preloaded_modules(store: SharedStore) -
         assert store["preloaded"] is False  # nothing imports colorsys in a loky worker
 
 
+def test_a_preload_module_that_does_not_import_is_skipped(store: SharedStore) -> None:
+    with ProcessExecutor(
+        max_workers=1, reuse=False, start_method="forkserver", preload=["cano_mp_no_such_mod"]
+    ) as ex:
+        flow = Workflow(store, start="go", executor=ex).register("go", _where)
+        assert flow.add_exit_state("done").orchestrate() == "done"
+        assert store["parent"] != os.getpid()
+
+
 def _pid(store: SharedStore) -> str:
     store["pids"] = [*store["pids"], os.getpid()]
     return "done"

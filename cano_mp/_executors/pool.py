@@ -62,7 +62,7 @@ from .._wire import (
 from .._worker.flags import SLOT_BYTES, read_progress, request_cancel, reset_slot
 from .._worker.logs import emit_remote
 from .base import Job, JobFuture
-from .start import ForkServerContext, start_worker
+from .start import start_worker
 
 __all__ = ["Pool", "PoolJob"]
 
@@ -104,14 +104,15 @@ class Pool:
         initializer: Callable[..., Any] | None,
         initargs: tuple[Any, ...],
         max_tasks: int | None = None,
-        ctx: ForkServerContext | None = None,
+        ctx: Any = None,
     ) -> None:
         run_janitor()
         self.max_workers = max_workers
         self._max_tasks = max_tasks
         self._initializer = initializer
         self._initargs = initargs
-        self._ctx = ctx  # None: loky's fork+exec, a fresh interpreter per worker (start)
+        self._ctx = ctx  # None: loky's fork+exec, a fresh interpreter per worker; or a
+        # forkserver.ForkServerContext (imported only when used)
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)  # a worker got ready or went away
         self._seq = itertools.count(1)
@@ -233,7 +234,7 @@ class Pool:
                 shutil.rmtree(d, ignore_errors=True)
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if isinstance(self._ctx, ForkServerContext):
+        if self._ctx is not None:
             self._ctx.close()  # the fork server
 
     # -- internals ----------------------------------------------------------------------

@@ -33,7 +33,6 @@ from .._errors import CanoError, ConfigError
 from .._wire import Call
 from .base import Capabilities, ExecutorBase
 from .pool import Pool
-from .start import ForkServerContext
 
 __all__ = ["ProcessExecutor", "default_workers", "shutdown_shared_pools"]
 
@@ -143,6 +142,8 @@ class ProcessExecutor(ExecutorBase):
     def _new_pool(self) -> Pool:
         ctx = None
         if self._start_method == "forkserver":
+            from .forkserver import ForkServerContext  # its imports: only when used
+
             ctx = ForkServerContext(self._preload)
             ctx.start()  # the server imports while the driver goes on
         args = (self._max_workers, self._initializer, self._initargs, self._max_tasks)
