@@ -272,9 +272,9 @@ class Pool:
             # The worker is gone; the manager thread sees its sentinel and fails the job.
             log.debug("send to worker %s failed: %s", slot.pid, exc)
 
-    def _spawn(self, index: int) -> _Slot:
+    def _spawn(self, index: int, announce: bool) -> _Slot:
         reset_slot(self._flags, index)
-        setup = (self._initializer, self._initargs, self._owner, self._max_tasks)
+        setup = (self._initializer, self._initargs, self._owner, self._max_tasks, announce)
         proc, parent_conn = start_worker(self._ctx, index, self._flags_path, setup)
         try:
             _shm.record_process_group(proc.pid)  # the worker leads a group of its own
@@ -349,8 +349,8 @@ class Pool:
         if free and time.monotonic() < self._spawn_after:
             return sends  # backing off after a failed start
         for index in free[:want]:
-            try:
-                slot = self._spawn(index)
+            try:  # a worker started ahead (warm) says when it is ready; others reply
+                slot = self._spawn(index, announce=not self._pending)
             except Exception as exc:
                 self._spawn_failed(exc)
                 return sends
@@ -389,7 +389,7 @@ class Pool:
             return
         try:
             raw = pickle.loads(data)
-            if raw[0] == "ready":  # started: imports done, initializer run
+            if raw[0] == "ready":  # started ahead: imports done, initializer run
                 with self._lock:
                     slot.ready = True
                     self._ready.notify_all()
@@ -409,6 +409,7 @@ class Pool:
         elif isinstance(msg, InitFailed):
             self._init_failed(slot, msg.text)
         else:
+            slot.ready = True  # it replied, so it started (warm() polls for this)
             self._replied(slot, msg)
 
     def _init_failed(self, slot: _Slot, text: str) -> None:
