@@ -85,7 +85,7 @@ class ForkServerContext:
 
     def close(self) -> None:
         """Stop the server (the workers it forked are the pool's to stop); the template
-        stays for the next pool (stopped at exit)."""
+        stays for the next pool (it ends with this process)."""
         if not self._own:
             return
         try:
