@@ -126,11 +126,15 @@ ex.close()
 
 
 @pytest.mark.parametrize("start", STARTS)
-def test_a_warmed_pool_runs_a_main_defined_function(start: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["file", "stdin"])  # stdin: a __main__ with no file, as in
+def test_a_warmed_pool_runs_a_main_defined_function(  # a notebook
+    start: str, how: str, tmp_path: Path
+) -> None:
     script, marks = tmp_path / "flow.py", tmp_path / "marks.txt"
     script.write_text(MAIN_SCRIPT)
     out = subprocess.run(
-        [sys.executable, str(script), str(marks), start],
+        [sys.executable, str(script) if how == "file" else "-", str(marks), start],
+        input=None if how == "file" else MAIN_SCRIPT,
         capture_output=True,
         text=True,
         timeout=120,
