@@ -126,10 +126,8 @@ ex.close()
 
 
 @pytest.mark.parametrize("start", STARTS)
-@pytest.mark.parametrize("how", ["file", "stdin"])  # stdin: a __main__ with no file, as in
-def test_a_warmed_pool_runs_a_main_defined_function(  # a notebook
-    start: str, how: str, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("how", ["file", "stdin"])  # stdin: __main__ has no file (a notebook)
+def test_a_warmed_pool_runs_a_main_defined_function(start: str, how: str, tmp_path: Path) -> None:
     script, marks = tmp_path / "flow.py", tmp_path / "marks.txt"
     script.write_text(MAIN_SCRIPT)
     out = subprocess.run(
