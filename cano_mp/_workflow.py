@@ -296,11 +296,13 @@ class Workflow(Generic[S]):
             )
         return self._executor
 
-    def _use_workers(self, n: int) -> None:
-        """Run on a pool of ``n`` workers unless an executor object was given."""
+    def _use_workers(self, n: int | ProcessExecutor) -> bool:
+        """Run on a pool of ``n`` workers (or that pool) unless an executor object or
+        ``"inline"`` was given; returns whether it does."""
         if not isinstance(self._executor_arg, str) or self._executor_arg == "inline":
-            return
-        self._executor = ProcessExecutor(max_workers=n)
+            return False
+        self._executor = n if isinstance(n, ProcessExecutor) else ProcessExecutor(max_workers=n)
+        return True
 
     # -- checking ------------------------------------------------------------------------
     def _problems(self) -> list[str]:

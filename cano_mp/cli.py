@@ -3,6 +3,7 @@
 ::
 
     cano-mp run   PATH.py:NAME | module:NAME [--state MEMBER] [--workers N] [--log-level LEVEL]
+                  [--warm] [--fork-server]
                   [--set KEY=JSON ...] [--store-json FILE]
     cano-mp graph PATH.py:NAME | module:NAME [--log-level LEVEL]
     cano-mp runs  DB                                  the runs a checkpoint database holds
@@ -39,9 +40,10 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from ._errors import CanoError, ConfigError, TaskError
+from ._executors import ProcessExecutor
 from ._log import get_logger
 from ._workflow import Workflow
 
@@ -212,6 +214,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="worker processes (default: usable CPUs)")
     run.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     run.add_argument(
+        "--warm",
+        action="store_true",
+        help="start the workers before importing the target, so that they start while it "
+        "imports (a workflow on the default executor)",
+    )
+    run.add_argument(
+        "--fork-server",
+        action="store_true",
+        help="fork the workers from a copy of this process made before the target is "
+        "imported: each starts in milliseconds instead of as a fresh interpreter",
+    )
+    run.add_argument(
         "--set",
         action="append",
         default=[],
@@ -371,18 +385,38 @@ def _store_seed(store_json: str | None, settings: Sequence[str]) -> dict[str, An
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    _logging(args.log_level)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    seed = _store_seed(args.store_json, args.set_values)
-    flow = load_target(args.target, cwd_on_path=True)
-    if args.workers is not None:
-        flow._use_workers(args.workers)
-    initial = _find_state(flow, args.state) if args.state else None
-    flow.validate()
-    for key, value in seed.items():
-        flow.store[key] = value
-    return run_reported(flow, lambda: flow.orchestrate(initial))
+    early = _early_pool(args)  # first: the process is still single-threaded
+    try:
+        _logging(args.log_level)
+        seed = _store_seed(args.store_json, args.set_values)
+        flow = load_target(args.target, cwd_on_path=True)
+        if early is not None and not flow._use_workers(early):
+            early.close()  # the workflow brings its own executor
+        elif early is None and args.workers is not None:
+            flow._use_workers(args.workers)
+        initial = _find_state(flow, args.state) if args.state else None
+        flow.validate()
+        for key, value in seed.items():
+            flow.store[key] = value
+        return run_reported(flow, lambda: flow.orchestrate(initial))
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _early_pool(args: argparse.Namespace) -> ProcessExecutor | None:
+    """``--warm`` / ``--fork-server``: the pool for a workflow on the default executor,
+    made before the target is imported (``--fork-server`` forks its template then)."""
+    if not (args.warm or args.fork_server):
+        return None
+    from ._executors.forkserver import fork_template
+
+    if args.fork_server and not fork_template():  # pragma: no cover - threads already
+        get_logger("cano_mp.cli").info("--fork-server: a fresh fork server (threads run)")
+    start: Literal["loky", "forkserver"] = "forkserver" if args.fork_server else "loky"
+    return ProcessExecutor(args.workers, reuse=False, warm=args.warm, start_method=start)
 
 
 def run_reported(flow: Workflow[Any], run: Any) -> int:

@@ -10,7 +10,8 @@ Groups and cases:
     core    chain     per-state cost of a 200-state workflow vs loky, multiprocessing.Pool
             inline    transitions/s with executor="inline" vs python-statemachine, transitions
             bigdata   a 200 MB array through the store vs pickling, joblib, hand-written shm
-            startup   `import cano_mp` and `cano-mp run` vs `python -c pass`, a first loky call
+            startup   `import cano_mp` and `cano-mp run` vs `python -c pass`, a first loky call;
+                      first result: default, --warm, --fork-server, preload vs fork-based pools
     split   fanout    one split of 1,000 trivial branches vs loky, ProcessPoolExecutor, Pool
             scaling   N CPU-bound branches: speedup over sequential, vs loky, ProcessPool...
             cancel    JoinStrategy.any(): from the first success to orchestrate() returning
@@ -555,14 +556,34 @@ def case_bigdata(o: Opts) -> None:
 # ----------------------------------------------------------------------------------------
 
 STARTUP_FLOW = """\
-from cano_mp import Workflow
+import sys
+import time
+
+from cano_mp import Observer, ProcessExecutor, Workflow
+
+
+class FirstResult(Observer):
+    # From orchestrate() to the first task's result, on stderr.
+    def on_workflow_start(self, run):
+        self.t0 = time.perf_counter()
+
+    def on_task_end(self, run, state, task_name, attempt, *, error, duration):
+        print(f"first-result {time.perf_counter() - self.t0:.6f}", file=sys.stderr)
 
 
 def work(store):
     return "done"
 
 
-flow = Workflow(start="work", name="startup").register("work", work).add_exit_state("done")
+executor = None
+if "--preload" in sys.argv:  # a script on an exec'd fork server that preloads numpy
+    executor = ProcessExecutor(start_method="forkserver", preload=["numpy"])
+flow = Workflow(start="work", name="startup", executor=executor, observers=[FirstResult()])
+flow.register("work", work).add_exit_state("done")
+if __name__ == "__main__":
+    if "--warmed" in sys.argv:  # a script that warms the pool before it runs
+        flow.executor.warm()
+    print(flow.orchestrate())
 """
 
 STARTUP_LOKY = """\
@@ -577,8 +598,40 @@ if __name__ == "__main__":
     print(loky.get_reusable_executor().submit(work).result())
 """
 
+STARTUP_FORK_PEER = """\
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+
+def work():
+    return "done"
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    if sys.argv[1] == "pool":
+        with ctx.Pool() as pool:
+            result = pool.apply_async(work).get()
+            print(f"first-result {time.perf_counter() - t0:.6f}", file=sys.stderr)
+    else:
+        with ProcessPoolExecutor(mp_context=ctx) as ex:
+            result = ex.submit(work).result()
+            print(f"first-result {time.perf_counter() - t0:.6f}", file=sys.stderr)
+    print(result)
+"""
+
 
 def _wall(cmd: list[str], env: dict[str, str], cwd: str, expect: str | None) -> float:
+    return _run_timed(cmd, env, cwd, expect)[0]
+
+
+def _run_timed(
+    cmd: list[str], env: dict[str, str], cwd: str, expect: str | None
+) -> tuple[float, float]:
+    """``(wall time, first result)`` of a command; first result as it prints it (else nan)."""
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -586,7 +639,8 @@ def _wall(cmd: list[str], env: dict[str, str], cwd: str, expect: str | None) -> 
         raise RuntimeError(
             f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
         )
-    return dt
+    marks = [ln.split()[1] for ln in done.stderr.splitlines() if ln.startswith("first-result ")]
+    return dt, float(marks[0]) if marks else float("nan")
 
 
 def case_startup(o: Opts) -> None:
@@ -602,27 +656,73 @@ def case_startup(o: Opts) -> None:
         flow_py.write_text(STARTUP_FLOW)
         loky_py = Path(tmp, "firstloky.py")
         loky_py.write_text(STARTUP_LOKY)
+        peer_py = Path(tmp, "forkpeer.py")
+        peer_py.write_text(STARTUP_FORK_PEER)
+        run = [*cano_cli, "run", f"{flow_py}:flow"]
         commands = {
             "pass": ([py, "-c", "pass"], None),
             "import": ([py, "-c", "import cano_mp"], None),
             "loky": ([py, str(loky_py)], "done"),
-            "cli": ([*cano_cli, "run", f"{flow_py}:flow"], "done"),
+            "cli": (run, "done"),
+            "cli --warm": ([*run, "--warm"], "done"),
+            "cli --fork-server": ([*run, "--fork-server"], "done"),
+            "cli --fork-server --warm": ([*run, "--fork-server", "--warm"], "done"),
+            "script, warm() first": ([py, str(flow_py), "--warmed"], "done"),
+            "script, forkserver + preload": ([py, str(flow_py), "--preload"], "done"),
+            "mp.Pool (fork)": ([py, str(peer_py), "pool"], "done"),
+            "ProcessPoolExecutor (fork)": ([py, str(peer_py), "ppe"], "done"),
         }
-
-        def runner(cmd: list[str], expect: str | None) -> Callable[[], float]:
-            return lambda: _wall(cmd, env, tmp, expect)
-
-        t = measure({k: runner(*v) for k, v in commands.items()}, o.reps(5), warmup=1)
+        t = _measure_runs(commands, env, tmp, o.reps(5))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    imp = t["import"] - t["pass"]
-    extra = t["cli"] - t["loky"]
-    row('python -c "pass"', fmt_time(t["pass"]))
-    row('python -c "import cano_mp"', fmt_time(t["import"]))
+    wall = {k: v[0] for k, v in t.items()}
+    imp = wall["import"] - wall["pass"]
+    extra = wall["cli"] - wall["loky"]
+    row('python -c "pass"', fmt_time(wall["pass"]))
+    row('python -c "import cano_mp"', fmt_time(wall["import"]))
     row("  import cost (the difference)", fmt_time(imp), f"(goal ≤ 100 ms: {met(imp <= 0.1)})")
-    row("bare script: a first loky submit(f).result()", fmt_time(t["loky"]))
-    row("cano-mp run tmp.py:flow (one pool task)", fmt_time(t["cli"]))
+    row("bare script: a first loky submit(f).result()", fmt_time(wall["loky"]))
+    row("cano-mp run tmp.py:flow (one pool task)", fmt_time(wall["cli"]))
     row("  cano-mp run - bare loky", fmt_time(extra), f"(goal ≤ +50 ms: {met(extra <= 0.05)})")
+    _startup_first_results(t)
+
+
+def _measure_runs(
+    commands: dict[str, tuple[list[str], str | None]], env: dict[str, str], cwd: str, reps: int
+) -> dict[str, tuple[float, float]]:
+    """Median ``(wall, first result)`` of each command, interleaved, after one warm-up."""
+    items = list(commands.items())
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+    for i in range(1 + reps):
+        shift = i % len(items)
+        for key, (cmd, expect) in items[shift:] + items[:shift]:
+            timed = _run_timed(cmd, env, cwd, expect)
+            if i:
+                runs[key].append(timed)
+    return {
+        k: (statistics.median(w for w, _ in v), statistics.median(f for _, f in v))
+        for k, v in runs.items()
+    }
+
+
+def _startup_first_results(t: dict[str, tuple[float, float]]) -> None:
+    print("  first result: from orchestrate() (the pool's creation for the peers)", flush=True)
+    peer = min(t["mp.Pool (fork)"][1], t["ProcessPoolExecutor (fork)"][1])
+    for key in ("mp.Pool (fork)", "ProcessPoolExecutor (fork)"):
+        row(f"  {key}", fmt_time(t[key][1]), f"wall {fmt_time(t[key][0]).strip()}")
+    for key, label, goal in (
+        ("cli", "cano-mp run (default: fresh interpreters)", False),
+        ("cli --warm", "cano-mp run --warm", False),
+        ("cli --fork-server", "cano-mp run --fork-server", True),
+        ("cli --fork-server --warm", "cano-mp run --fork-server --warm", False),
+        ("script, warm() first", "script: executor.warm(), then orchestrate()", False),
+        ("script, forkserver + preload", "script: forkserver, preload numpy", False),
+    ):
+        first, wall = t[key][1], t[key][0]
+        note = f"wall {fmt_time(wall).strip()}, {first / peer:.2f}x the best fork peer"
+        if goal:
+            note += f" (goal ≤ 2x: {met(first <= 2 * peer)})"
+        row(f"  {label}", fmt_time(first), note)
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import pickle
 import secrets
@@ -40,8 +41,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
-
-from loky.backend.context import get_context
 
 from .._errors import CanoError
 from .._log import get_logger
@@ -62,8 +61,8 @@ from .._wire import (
 )
 from .._worker.flags import SLOT_BYTES, read_progress, request_cancel, reset_slot
 from .._worker.logs import emit_remote
-from .._worker.loop import worker_main
 from .base import Job, JobFuture
+from .start import start_worker
 
 __all__ = ["Pool", "PoolJob"]
 
@@ -89,6 +88,7 @@ class _Slot:
     job: PoolJob | None = None
     dead: bool = False
     retiring: bool = False  # said it exits after its current call (see _worker.loop)
+    ready: bool = False  # said it finished starting (imports, initializer): see warm()
 
     @property
     def pid(self) -> int:
@@ -104,19 +104,21 @@ class Pool:
         initializer: Callable[..., Any] | None,
         initargs: tuple[Any, ...],
         max_tasks: int | None = None,
+        ctx: Any = None,
     ) -> None:
         run_janitor()
         self.max_workers = max_workers
         self._max_tasks = max_tasks
         self._initializer = initializer
         self._initargs = initargs
-        self._ctx = get_context("loky")
+        self._ctx = ctx  # None: loky's fork+exec, a fresh interpreter per worker; or a
+        # forkserver.ForkServerContext (imported only when used)
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # a worker got ready or went away
         self._seq = itertools.count(1)
         self._slots: list[_Slot | None] = [None] * max_workers
         self._idle: deque[_Slot] = deque()
         self._pending: deque[PoolJob] = deque()
-        self._spawning = 0
         self._closed = False
         self._broken: str | None = None  # the initializer failed: every call would fail
         self._spawn_backoff = 0.0
@@ -180,12 +182,27 @@ class Pool:
             return None
         return read_progress(self._flags, slot.index, job.seq)
 
-    def warm(self, n: int | None = None) -> None:
-        """Start workers now instead of on first use."""
+    def warm(self, n: int | None = None, *, wait: bool = True, timeout: float | None = None) -> int:
+        """Start workers until ``n`` (default: all) run; ``wait``: until they are ready
+        (imports done, initializer run; one that dies is replaced). Returns how many are."""
+        want = max(1, min(n or self.max_workers, self.max_workers))
+        deadline = time.monotonic() + (math.inf if timeout is None else timeout)
         with self._lock:
-            live = sum(1 for s in self._slots if s is not None) + self._spawning
-            self._want_extra = max(0, min(n or self.max_workers, self.max_workers) - live)
-            self._wake()
+            while True:
+                if self._closed:
+                    raise CanoError("this ProcessExecutor is closed")
+                if self._broken is not None:
+                    raise CanoError(f"the worker initializer failed:\n{self._broken}")
+                live = [s for s in self._slots if s is not None and not s.dead]
+                ready = sum(1 for s in live if s.ready)
+                if want - len(live) > self._want_extra:
+                    self._want_extra = want - len(live)
+                    self._wake()
+                if not wait or ready >= want:
+                    return ready
+                if time.monotonic() >= deadline:
+                    raise CanoError(f"{ready} of {want} workers ready after {timeout}s")
+                self._ready.wait(min(deadline - time.monotonic(), 0.5))
 
     @property
     def closed(self) -> bool:
@@ -202,6 +219,7 @@ class Pool:
             self._closed = True
             pending = list(self._pending)
             self._pending.clear()
+            self._ready.notify_all()
             self._wake()
         for job in pending:
             if not job.future.done():
@@ -216,6 +234,8 @@ class Pool:
                 shutil.rmtree(d, ignore_errors=True)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._ctx is not None:
+            self._ctx.close()  # the fork server
 
     # -- internals ----------------------------------------------------------------------
     def _wake(self) -> None:
@@ -252,25 +272,10 @@ class Pool:
             # The worker is gone; the manager thread sees its sentinel and fails the job.
             log.debug("send to worker %s failed: %s", slot.pid, exc)
 
-    def _spawn(self, index: int) -> _Slot:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+    def _spawn(self, index: int, announce: bool) -> _Slot:
         reset_slot(self._flags, index)
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(
-                child_conn,
-                index,
-                self._flags_path,
-                os.getpid(),
-                self._initializer,
-                self._initargs,
-                self._owner,
-                self._max_tasks,
-            ),
-            name=f"cano_mp-worker-{index}",
-        )
-        proc.start()
-        child_conn.close()
+        setup = (self._initializer, self._initargs, self._owner, self._max_tasks, announce)
+        proc, parent_conn = start_worker(self._ctx, index, self._flags_path, setup)
         try:
             _shm.record_process_group(proc.pid)  # the worker leads a group of its own
         except OSError as exc:  # pragma: no cover - only crash cleanup depends on it
@@ -344,8 +349,8 @@ class Pool:
         if free and time.monotonic() < self._spawn_after:
             return sends  # backing off after a failed start
         for index in free[:want]:
-            try:
-                slot = self._spawn(index)
+            try:  # a worker started ahead (warm) says when it is ready; others reply
+                slot = self._spawn(index, announce=not self._pending)
             except Exception as exc:
                 self._spawn_failed(exc)
                 return sends
@@ -384,6 +389,11 @@ class Pool:
             return
         try:
             raw = pickle.loads(data)
+            if raw[0] == "ready":  # started ahead: imports done, initializer run
+                with self._lock:
+                    slot.ready = True
+                    self._ready.notify_all()
+                return
             if raw[0] == "retire":  # replies no more after its next one: never reuse it
                 slot.retiring = True
                 log.info("worker %s is replaced: %s", slot.pid, raw[1])
@@ -399,6 +409,7 @@ class Pool:
         elif isinstance(msg, InitFailed):
             self._init_failed(slot, msg.text)
         else:
+            slot.ready = True  # it replied, so it started (warm() polls for this)
             self._replied(slot, msg)
 
     def _init_failed(self, slot: _Slot, text: str) -> None:
@@ -406,6 +417,7 @@ class Pool:
         with self._lock:
             self._broken = text
             job, slot.job = slot.job, None
+            self._ready.notify_all()
         log.error("the worker initializer failed:\n%s", text)
         if job is not None and not job.future.done():
             job.future.set_exception(error)
@@ -487,6 +499,7 @@ class Pool:
             except ValueError:
                 pass
             job, slot.job = slot.job, None
+            self._ready.notify_all()
         if job is not None and not job.future.done():
             if job.cancelled:
                 job.future.set_result(CANCELLED)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Literal
 
 from loky import cpu_count
 
@@ -71,6 +71,18 @@ class ProcessExecutor(ExecutorBase):
         max_tasks_per_worker: replace a worker after it ran this many calls (a task that
             leaks memory or state); default: never. A worker is also replaced as soon as a
             task leaves it unusable (closed fd 0/1/2, changed resource limits).
+        warm: start the workers now, in the background, instead of at the first call
+            (:meth:`warm` does the same and waits for them).
+        start_method: ``"loky"`` (default): each worker is a fresh interpreter (fork+exec)
+            that imports what it needs. ``"forkserver"``: one fresh, single-threaded
+            interpreter per pool imports cano_mp and ``preload`` once, and each worker is
+            a fork of it: workers start in milliseconds (a replacement after a crash or
+            ``max_tasks_per_worker`` too), but preloaded modules are as they were when the
+            server started. See *Processes and failures* in the docs for the trade-offs.
+        preload: module names the fork server imports before forking workers (``numpy``,
+            your tasks' module); only with ``start_method="forkserver"``. A module that
+            fails to import there with ``ImportError`` is skipped (workers import it
+            themselves).
 
     A worker that dies fails only the call it was running; the pool starts a new worker.
     Workers start on demand; :meth:`warm` starts them ahead of time.
@@ -86,6 +98,9 @@ class ProcessExecutor(ExecutorBase):
         initargs: tuple[Any, ...] = (),
         reuse: bool = True,
         max_tasks_per_worker: int | None = None,
+        warm: bool = False,
+        start_method: Literal["loky", "forkserver"] = "loky",
+        preload: Sequence[str] = (),
     ) -> None:
         if max_tasks_per_worker is not None and (
             isinstance(max_tasks_per_worker, bool)
@@ -101,17 +116,38 @@ class ProcessExecutor(ExecutorBase):
             raise ConfigError(f"max_workers must be an int >= 1, got {max_workers!r}")
         if initializer is not None and not callable(initializer):
             raise ConfigError(f"initializer must be callable, got {initializer!r}")
+        self._preload = _check_start(start_method, preload)
+        self._start_method = start_method
         self._max_workers = max_workers or default_workers()
         self._reuse = reuse
         self._max_tasks = max_tasks_per_worker
-        self._key = (self._max_workers, initializer, tuple(initargs), max_tasks_per_worker)
+        self._key = (
+            self._max_workers,
+            initializer,
+            tuple(initargs),
+            max_tasks_per_worker,
+            start_method,
+            self._preload,
+        )
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._own: Pool | None = None
         self._closed = False
         if not reuse:
-            self._own = Pool(self._max_workers, initializer, self._initargs, self._max_tasks)
+            self._own = self._new_pool()
             weakref.finalize(self, self._own.close)
+        if warm:
+            self._pool().warm(wait=False)
+
+    def _new_pool(self) -> Pool:
+        ctx = None
+        if self._start_method == "forkserver":
+            from .forkserver import ForkServerContext  # its imports: only when used
+
+            ctx = ForkServerContext(self._preload)
+            ctx.start()  # the server imports while the driver goes on
+        args = (self._max_workers, self._initializer, self._initargs, self._max_tasks)
+        return Pool(*args, ctx=ctx)
 
     def _pool(self) -> Pool:
         if self._closed:
@@ -121,7 +157,7 @@ class ProcessExecutor(ExecutorBase):
         with _shared_lock:
             pool = _shared.get(self._key)
             if pool is None or pool.closed:
-                pool = Pool(self._max_workers, self._initializer, self._initargs, self._max_tasks)
+                pool = self._new_pool()
                 _shared[self._key] = pool
             return pool
 
@@ -154,9 +190,14 @@ class ProcessExecutor(ExecutorBase):
                 pool = _shared.get(self._key)
         return pool.progress(future) if pool is not None else None
 
-    def warm(self) -> ProcessExecutor:
-        """Start every worker now (they otherwise start on first use); returns self."""
-        self._pool().warm()
+    def warm(self, n: int | None = None, *, timeout: float | None = 60.0) -> ProcessExecutor:
+        """Start ``n`` workers (default: all) now and wait until they are ready to run
+        calls (started, imports done, initializer run); returns self.
+
+        Idempotent: workers already running are counted, not started again. Raises
+        :class:`CanoError` if they are not ready within ``timeout`` seconds (``None``: no
+        limit) or the initializer fails."""
+        self._pool().warm(n, timeout=timeout)
         return self
 
     def worker_pids(self) -> list[int]:
@@ -176,7 +217,18 @@ class ProcessExecutor(ExecutorBase):
 
     def __repr__(self) -> str:
         kind = "shared" if self._reuse else "private"
-        return f"ProcessExecutor(max_workers={self._max_workers}, {kind} pool)"
+        start = f", start_method={self._start_method!r}" if self._start_method != "loky" else ""
+        return f"ProcessExecutor(max_workers={self._max_workers}{start}, {kind} pool)"
+
+
+def _check_start(start_method: str, preload: Sequence[str]) -> tuple[str, ...]:
+    if start_method not in ("loky", "forkserver"):
+        raise ConfigError(f"start_method must be 'loky' or 'forkserver', got {start_method!r}")
+    if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
+        raise ConfigError(f"preload must be a sequence of module names, got {preload!r}")
+    if preload and start_method != "forkserver":
+        raise ConfigError("preload needs start_method='forkserver' (loky workers import afresh)")
+    return tuple(preload)
 
 
 ProcessExecutor.__module__ = "cano_mp"

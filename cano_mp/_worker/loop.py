@@ -64,8 +64,10 @@ def worker_main(
     initargs: tuple[Any, ...],
     owner: str = "",
     max_tasks: int | None = None,
+    announce: bool = False,
 ) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process; ``announce``: say "ready" once started (a worker
+    started ahead by ``warm()``; one started for a call just replies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A process group of our own: the driver kills it whole when this worker dies or is
     # killed, so what a task started (a subprocess) never outlives it. The variable marks
@@ -91,6 +93,11 @@ def worker_main(
         except BaseException:
             conn.send(tuple(InitFailed("init_failed", traceback.format_exc())))
             return
+    if announce:
+        try:
+            conn.send(("ready",))  # the pool's warm() waits for this
+        except OSError:
+            return  # the driver is gone
     _serve(conn, control, max_tasks, Health())
     sys.exit(0)
 
