@@ -40,7 +40,7 @@ from .._executors import Executor
 from .._log import get_logger
 from .._progress import progress_bar
 from .._store import Snapshot, TaskStore
-from .._wire import Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
+from .._wire import AHEAD_MAX_BYTES, Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
 from .chunks import Chunk, ChunkSizer, Items
@@ -325,7 +325,9 @@ class BatchState:
             )
             fut.add_done_callback(finished)
         else:
-            call = Call(run_batch_chunk, (scope.units, self.snap.blob), args)
+            # Short and small: it may wait in a busy worker's pipe (pre-feed).
+            ahead = len(payload) <= AHEAD_MAX_BYTES
+            call = Call(run_batch_chunk, (scope.units, self.snap.blob), args, ahead=ahead)
             holds_quota, ch.quota = ch.quota, False  # submit() releases it, or the future
             fut = submit(
                 scope,
