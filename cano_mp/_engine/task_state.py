@@ -42,6 +42,11 @@ log = get_logger("cano_mp.engine")
 
 _INLINE = InlineExecutor()
 
+# A split's branch calls may be queued in a busy worker's pipe (Call.ahead: pre-feed) once
+# every branch that finished took less than this in its worker: a queued call waits for
+# the one before it, so only quick branches are worth it.
+QUICK_BRANCH = 0.01
+
 
 @dataclass(eq=False)
 class Branch:
@@ -81,6 +86,7 @@ class TaskState:
         self.ok = 0
         self.failed = 0
         self.rate_at: float | None = None  # when the first waiting branch may take a token
+        self.quick: bool | None = None  # every finished branch under QUICK_BRANCH (None: none)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Any:
@@ -184,6 +190,7 @@ class TaskState:
             (scope.units, self.snap.blob),
             (b.ref.index, b.attempt, scope.run_id, b.token, not inline and scope.remote),
             b.deadline,
+            ahead=bool(self.quick),
         )
         self._attempt_starts(b)
         self.running.add(b)
@@ -252,6 +259,8 @@ class TaskState:
     def outcome(self, b: Branch, out: UnitOutcome, overdue: bool) -> None:
         """One attempt's outcome; ``overdue``: check the deadline (inline calls cannot be
         stopped, so they are judged when they return)."""
+        quick = out.timing.ended - out.timing.started < QUICK_BRANCH
+        self.quick = quick if self.quick is None else self.quick and quick
         if self.scope.observers.wants("on_task_timing"):
             self.scope.observers.emit(
                 "on_task_timing",
