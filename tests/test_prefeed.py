@@ -1,5 +1,6 @@
-"""Pre-feed: BatchTask chunks queued in a busy worker's pipe (``Call.ahead``) keep the
-per-item semantics of a crash, a retiring worker and a cancelled run."""
+"""Pre-feed: BatchTask chunks and quick split branches queued in a busy worker's pipe
+(``Call.ahead``) keep the per-item and per-branch semantics of errors, timeouts, crashes, a
+retiring worker and a cancelled run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,20 @@ from typing import Any
 
 import pytest
 
-from cano_mp import ProcessExecutor, RetryPolicy, SharedStore, TaskConfig, Workflow, WorkflowTimeout
+from cano_mp import (
+    JoinConfig,
+    JoinStrategy,
+    ProcessExecutor,
+    RetryPolicy,
+    SharedStore,
+    SplitResult,
+    Task,
+    TaskConfig,
+    TaskTimeout,
+    WorkerCrashed,
+    Workflow,
+    WorkflowTimeout,
+)
 
 from .test_batch import Batch, S, run_batch
 
@@ -115,3 +129,69 @@ def test_a_retiring_worker_hands_its_queued_chunk_back(store: SharedStore, tmp_p
         assert pool.prefed > 0 and pool.requeued >= 1
     assert results == [x + 1 for x in range(300)]
     assert collections.Counter(x for x, _ in runs(tmp_path)) == {x: 1 for x in range(300)}
+
+
+class Branch(Task[str]):
+    """A distinct task object per branch; ``mode`` says what it does besides its write."""
+
+    def __init__(self, i: int, folder: str, mode: str = "ok") -> None:
+        self.i, self.folder, self.mode = i, folder, mode
+        timeout = 2.0 if mode == "hang" else None
+        self.config = TaskConfig(retry=RetryPolicy.none(), timeout=timeout)
+
+    def run(self, store: Any) -> str:
+        record(self.folder, self.i)
+        if self.mode == "raise":
+            raise ValueError(f"branch {self.i}")
+        if self.mode == "hang":
+            time.sleep(60)
+        if self.mode == "die":
+            time.sleep(0.3)  # the driver queues a branch behind this one meanwhile
+            os._exit(9)
+        store[f"r{self.i}"] = self.i * 2
+        return "done"
+
+
+def split_flow(executor: Any, branches: list[Branch]) -> Workflow[str]:
+    join = JoinConfig(JoinStrategy.quorum(1), "done", result_key="split")
+    flow: Workflow[str] = Workflow(start="split", executor=executor)
+    return flow.register_split("split", branches, join).add_exit_state("done")
+
+
+def test_distinct_branch_objects_give_their_own_results_in_order(
+    own_pool: ProcessExecutor, store: SharedStore, tmp_path: Path
+) -> None:
+    branches = [Branch(i, str(tmp_path)) for i in range(300)]
+    assert split_flow(own_pool, branches).orchestrate(store=store) == "done"
+    result: SplitResult[str] = store["split"]
+    assert result.successes == [(i, "done") for i in range(300)]
+    assert [store[f"r{i}"] for i in range(300)] == [2 * i for i in range(300)]
+    pool: Any = own_pool._pool()
+    assert pool.prefed > 0, "no branch was queued behind a running one"
+    assert collections.Counter(x for x, _ in runs(tmp_path)) == {i: 1 for i in range(300)}
+
+
+def test_queued_branches_keep_their_own_errors_timeouts_and_crashes(
+    own_pool: ProcessExecutor, store: SharedStore, tmp_path: Path
+) -> None:
+    modes = {40: "raise", 80: "hang", 120: "die", 121: "raise"}
+    branches = [Branch(i, str(tmp_path), modes.get(i, "ok")) for i in range(200)]
+    assert split_flow(own_pool, branches).orchestrate(store=store) == "done"
+    result: SplitResult[str] = store["split"]
+    errors = dict(result.errors)
+    assert sorted(errors) == [40, 80, 120, 121]
+    assert isinstance(errors[40].__cause__, ValueError) and "branch 40" in str(errors[40])
+    assert isinstance(errors[80], TaskTimeout)
+    assert isinstance(errors[120], WorkerCrashed)
+    assert isinstance(errors[121].__cause__, ValueError)
+    ok = [i for i in range(200) if i not in modes]
+    assert result.successes == [(i, "done") for i in ok] and result.cancelled == []
+    assert [store[f"r{i}"] for i in ok] == [2 * i for i in ok]
+    for i in modes:
+        assert f"r{i}" not in store
+    pool: Any = own_pool._pool()
+    assert pool.prefed > 0 and pool.requeued >= 1, "nothing was queued behind the hang"
+    # Each branch ran once: the one queued behind the crash or the hang was not charged
+    # (sent again, it ran once, elsewhere or after).
+    count = collections.Counter(x for x, _ in runs(tmp_path))
+    assert count == {i: 1 for i in range(200)}

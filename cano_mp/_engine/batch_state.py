@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 
 from .._batch import BatchTask, ItemFailure, batch_problems
-from .._calls import run_batch_chunk
+from .._calls import block_of, run_batch_chunk
 from .._context import NO_RESOURCES, TaskContext, _set_context
 from .._errors import ConfigError, TaskError
 from .._executors import Executor
@@ -486,6 +486,17 @@ class BatchState:
         """A chunk stopped at ``position`` (timeout, crash): that item spends an attempt;
         the others go again unchanged."""
         n = len(ch.items)
+        block = block_of(position) if position is not None else None
+        if block is not None:  # one of a block of quick items: each goes alone, uncharged
+            inside = range(block[0], min(n, block[0] + block[1]))
+            rest = [k for k in range(n) if k not in inside]
+            if rest:
+                self.b.requeued.append(
+                    Chunk([ch.indices[k] for k in rest], [ch.items[k] for k in rest], ch.attempt)
+                )
+            ch = Chunk([ch.indices[k] for k in inside], [ch.items[k] for k in inside], ch.attempt)
+            n = len(inside)
+            position = 0 if n == 1 else None
         if position is None or not 0 <= position < n:
             if n != 1:  # cannot tell which item: send each alone, nobody charged
                 for k in range(n):

@@ -72,9 +72,9 @@ def read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] |
     started = struct.unpack_from("q", flags, base + STARTED)[0]
     if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
         return None
-    if position < 0:
+    if position == -1:
         return None
-    return int(position), started / 1e9
+    return int(position), started / 1e9  # position < -1: a block (_calls.block_position)
 
 
 class CallControl:
