@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cano_mp import (
+    ItemFailure,
     JoinConfig,
     JoinStrategy,
     ProcessExecutor,
@@ -97,6 +98,30 @@ def test_a_queued_chunk_of_a_killed_worker_is_sent_again_not_lost(
     # died with the worker), 55 ran twice (its crash, its retry); every other item once.
     expected = {x: 2 if 50 <= x <= 55 else 1 for x in range(200)}
     assert dict(count) == expected
+
+
+def die_at_1500(item: tuple[int, str]) -> int:
+    x, folder = item
+    if x == 1500:
+        record(folder, x)
+        os._exit(3)
+    return x
+
+
+def test_a_crash_in_a_block_of_quick_items_charges_the_item_that_crashes_alone(
+    own_pool: ProcessExecutor, store: SharedStore, tmp_path: Path
+) -> None:
+    cfg = TaskConfig(retry=RetryPolicy.fixed(1, 0.0))
+    items = [(x, str(tmp_path)) for x in range(3000)]
+    batch = Batch(die_at_1500, items, chunk_size=3000, config=cfg, on_error="collect")
+    results = run_batch(batch, own_pool, store)
+    assert [r for i, r in enumerate(results) if i != 1500] == [i for i in range(3000) if i != 1500]
+    failure = results[1500]
+    assert isinstance(failure, ItemFailure) and isinstance(failure.error, WorkerCrashed)
+    assert failure.attempts == 2
+    # Quick items run in blocks: the first crash, in a block, charges nobody (each item of
+    # the block runs again alone); then it crashes alone twice (its two attempts).
+    assert collections.Counter(x for x, _ in runs(tmp_path)) == {1500: 3}
 
 
 def test_a_cancelled_run_leaves_no_queued_chunk_running(
