@@ -61,6 +61,7 @@ from .._wire import (
 )
 from .._worker.flags import (
     SLOT_BYTES,
+    began,
     read_progress,
     request_cancel,
     request_skip,
@@ -132,9 +133,9 @@ class Pool:
             slot = self._idle.pop() if self._idle else None
             if slot is not None:
                 self._claim(slot, job)
-            elif call.ahead and self._all_busy() and (slot := room_ahead(self._slots, job)):
+            elif call.ahead and not self._pending and (slot := room_ahead(self._slots, job)):
                 slot.queued.append(job)
-                job.slot = slot
+                job.slot, job.prefed = slot, True
                 self.prefed += 1
             else:
                 self._pending.append(job)
@@ -236,10 +237,6 @@ class Pool:
         sent, queued = fill(slot, self._pending, None not in self._slots)
         self.prefed += queued
         return sent
-
-    def _all_busy(self) -> bool:
-        """Nothing waits, every worker started: only then may a call be queued ahead."""
-        return not self._pending and None not in self._slots
 
     def _flush(self, slot: Slot) -> None:
         flush(slot, self._lock, self._send)
@@ -452,8 +449,7 @@ class Pool:
         self._replied(slot, Raised("raised", seq, text))
 
     def _requeue(self, slot: Slot) -> list[Slot]:
-        """``slot``'s calls that never started go back to the pending queue (take_back).
-        Lock held; returns the idle slots given calls (to flush)."""
+        """Calls ``slot`` never began go back to pending (lock held); slots to flush."""
         back = take_back(slot)
         self.requeued += len(back)
         self._pending.extendleft(reversed(back))
@@ -512,8 +508,12 @@ class Pool:
                 self._idle.remove(slot)
             except ValueError:
                 pass
-            job, slot.job = slot.job, None
-            flush = self._requeue(slot)  # its queued calls never started
+            job = slot.job
+            if job is not None and job.prefed and not began(self._flags, slot.index, job.seq):
+                job = None  # it answered the call before and died before this one began
+            else:
+                slot.job = None
+            flush = self._requeue(slot)  # the calls it never began go elsewhere
         for s in flush:
             self._flush(s)
         if job is not None and not job.future.done():

@@ -52,6 +52,7 @@ class PoolJob(Job):
 
     slot: Slot | None = None
     grace: float = 0.0
+    prefed: bool = False  # was queued behind another call: its worker may never begin it
 
 
 @dataclass(eq=False, slots=True)
@@ -73,7 +74,10 @@ class Slot:
 
 
 def room_ahead(slots: list[Slot | None], job: PoolJob) -> Slot | None:
-    """A busy slot whose pipe may take ``job`` behind its running call, or None."""
+    """A busy slot whose pipe may take ``job`` behind its running call, or None (also while
+    a worker could still be started: never queue behind a busy one then)."""
+    if None in slots:
+        return None
     best = None
     for s in slots:
         head = s.job if s is not None else None
@@ -118,7 +122,7 @@ def fill(slot: Slot, pending: deque[PoolJob], ahead: bool) -> tuple[bool, int]:
     ):
         job = pending.popleft()
         slot.queued.append(job)
-        job.slot = slot
+        job.slot, job.prefed = slot, True
         slot.outbox.append(job)
         sent, queued = True, queued + 1
     return sent, queued

@@ -29,6 +29,7 @@ __all__ = [
     "PROGRESS_SEQ",
     "SLOT_BYTES",
     "SKIP",
+    "began",
     "STARTED",
     "CallControl",
     "read_progress",
@@ -57,6 +58,11 @@ def request_skip(flags: mmap.mmap, index: int, seq: int) -> None:
     worker have started it already, the driver asks it to stop with :func:`request_cancel`
     once it is the slot's running call.)"""
     struct.pack_into("q", flags, SLOT_BYTES * index + SKIP, seq)
+
+
+def began(flags: mmap.mmap, index: int, seq: int) -> bool:
+    """Driver: whether the worker of slot ``index`` has begun call ``seq``."""
+    return bool(struct.unpack_from("q", flags, SLOT_BYTES * index + PROGRESS_SEQ)[0] == seq)
 
 
 def read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] | None:
