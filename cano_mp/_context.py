@@ -72,6 +72,7 @@ class _LazyContext:
     __slots__ = (
         "_flag",
         "_pos",
+        "at",
         "attempt",
         "deadline",
         "indices",
@@ -98,6 +99,7 @@ class _LazyContext:
         self.store = store
         self.indices = indices
         self._pos = pos  # pos[0]: the position in the chunk of the item running now
+        self.at: Callable[[], int] | None = None  # or this says it (items run in blocks)
         self.deadline: float | None = None
         self.resources: Mapping[str, Any] = NO_RESOURCES
 
@@ -108,7 +110,7 @@ class _LazyContext:
             self.attempt,
             self.deadline,
             self._flag,
-            self.indices[self._pos[0]],
+            self.indices[self._pos[0] if self.at is None else self.at()],
             self.store,
             self.resources,
         )

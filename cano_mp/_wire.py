@@ -171,13 +171,22 @@ class Call(NamedTuple):
     """One call: ``fn(control, deadline, *[b.obj for b in blobs], *args)``.
 
     ``control()`` is True once the caller asked the call to stop; ``deadline`` is a
-    ``time.monotonic()`` instant on the running process's clock, or None.
+    ``time.monotonic()`` instant on the running process's clock, or None. ``ahead``: the
+    call is short and small (its arguments under :data:`AHEAD_MAX_BYTES`), so an executor
+    may queue it in a busy worker's pipe behind another such call (pre-feed), as
+    ``multiprocessing.Pool`` does; BatchTask chunks are.
     """
 
     fn: Callable[..., Any]
     blobs: tuple[Blob, ...]
     args: tuple[Any, ...]
     deadline: float | None = None
+    ahead: bool = False
+
+
+# The largest arguments of a call that may be queued ahead (Call.ahead): a queued message
+# must fit the pipe's buffer, or sending it would block until the worker reads it.
+AHEAD_MAX_BYTES = 64 << 10
 
 
 class Timing(NamedTuple):

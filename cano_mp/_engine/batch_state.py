@@ -33,14 +33,14 @@ from typing import Any
 import cloudpickle
 
 from .._batch import BatchTask, ItemFailure, batch_problems
-from .._calls import run_batch_chunk
+from .._calls import block_of, run_batch_chunk
 from .._context import NO_RESOURCES, TaskContext, _set_context
 from .._errors import ConfigError, TaskError
 from .._executors import Executor
 from .._log import get_logger
 from .._progress import progress_bar
 from .._store import Snapshot, TaskStore
-from .._wire import Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
+from .._wire import AHEAD_MAX_BYTES, Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
 from .chunks import Chunk, ChunkSizer, Items
@@ -325,7 +325,9 @@ class BatchState:
             )
             fut.add_done_callback(finished)
         else:
-            call = Call(run_batch_chunk, (scope.units, self.snap.blob), args)
+            # Short and small: it may wait in a busy worker's pipe (pre-feed).
+            ahead = len(payload) <= AHEAD_MAX_BYTES
+            call = Call(run_batch_chunk, (scope.units, self.snap.blob), args, ahead=ahead)
             holds_quota, ch.quota = ch.quota, False  # submit() releases it, or the future
             fut = submit(
                 scope,
@@ -484,6 +486,17 @@ class BatchState:
         """A chunk stopped at ``position`` (timeout, crash): that item spends an attempt;
         the others go again unchanged."""
         n = len(ch.items)
+        block = block_of(position) if position is not None else None
+        if block is not None:  # one of a block of quick items: each goes alone, uncharged
+            inside = range(block[0], min(n, block[0] + block[1]))
+            rest = [k for k in range(n) if k not in inside]
+            if rest:
+                self.b.requeued.append(
+                    Chunk([ch.indices[k] for k in rest], [ch.items[k] for k in rest], ch.attempt)
+                )
+            ch = Chunk([ch.indices[k] for k in inside], [ch.items[k] for k in inside], ch.attempt)
+            n = len(inside)
+            position = 0 if n == 1 else None
         if position is None or not 0 <= position < n:
             if n != 1:  # cannot tell which item: send each alone, nobody charged
                 for k in range(n):

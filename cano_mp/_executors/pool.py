@@ -12,10 +12,13 @@
 
 Each slot is one loky process (started with loky's fork+exec context, so it is a fresh
 interpreter: no fork-safety issues, cloudpickle for user code) with its own duplex pipe and
-one call at a time. Because the manager knows which call runs in which process, a worker
-that dies fails only its own call (``WorkerDied``), and cancelling a call (its cooperative
-flag in the flags file, then, after the grace period, a kill of that worker's process
-group) touches nothing else. A slot's blob caches are mirrored here key for key, so a call
+one call running at a time. Because the manager knows which call runs in which process, a
+worker that dies fails only its own call (``WorkerDied``), and cancelling a call (its
+cooperative flag in the flags file, then, after the grace period, a kill of that worker's
+process group) touches nothing else.
+
+Pre-feed (``Call.ahead``: BatchTask chunks) keeps a next call waiting in a busy worker's
+pipe: see :mod:`.slots`. A slot's blob caches are mirrored here key for key, so a call
 carries a blob's bytes only the first time its worker needs it.
 
 Spawning happens on the manager thread only: workers ask the kernel to kill them when the
@@ -26,7 +29,6 @@ pool does.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import os
 import pickle
@@ -38,8 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from .._errors import CanoError
@@ -48,20 +49,26 @@ from .._store import shm as _shm
 from .._store.janitor import run_janitor
 from .._wire import (
     CANCELLED,
-    BlobCache,
     Call,
     InitFailed,
     LogMessage,
-    NewBlob,
     Raised,
     Returned,
     Stop,
     WorkerDied,
     from_wire,
 )
-from .._worker.flags import SLOT_BYTES, read_progress, request_cancel, reset_slot
+from .._worker.flags import (
+    SLOT_BYTES,
+    began,
+    read_progress,
+    request_cancel,
+    request_skip,
+    reset_slot,
+)
 from .._worker.logs import emit_remote
 from .base import Job, JobFuture
+from .slots import PoolJob, Slot, fill, flush, jobs_of, kill_group, message, room_ahead, take_back
 from .start import start_worker
 
 __all__ = ["Pool", "PoolJob"]
@@ -70,29 +77,6 @@ log = get_logger("cano_mp.executor")
 
 # How long close() waits for workers to exit after Stop before killing them.
 STOP_GRACE = 1.0
-
-
-@dataclass(eq=False, slots=True)
-class PoolJob(Job):
-    """A call on the local pool; ``slot`` is where it runs (``None``: still pending)."""
-
-    slot: _Slot | None = None
-
-
-@dataclass(eq=False, slots=True)
-class _Slot:
-    index: int
-    process: Any
-    conn: Connection
-    caches: dict[str, BlobCache] = field(default_factory=BlobCache.per_category)
-    job: PoolJob | None = None
-    dead: bool = False
-    retiring: bool = False  # said it exits after its current call (see _worker.loop)
-    ready: bool = False  # said it finished starting (imports, initializer): see warm()
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
 
 
 class Pool:
@@ -116,14 +100,16 @@ class Pool:
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)  # a worker got ready or went away
         self._seq = itertools.count(1)
-        self._slots: list[_Slot | None] = [None] * max_workers
-        self._idle: deque[_Slot] = deque()
+        self._slots: list[Slot | None] = [None] * max_workers
+        self._idle: deque[Slot] = deque()
         self._pending: deque[PoolJob] = deque()
         self._closed = False
         self._broken: str | None = None  # the initializer failed: every call would fail
         self._spawn_backoff = 0.0
         self._spawn_after = 0.0
         self._want_extra = 0
+        # Pre-feed counts: calls queued ahead, withdrawn (cancelled there), sent elsewhere.
+        self.prefed = self.withdrawn = self.requeued = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._flags_dirs = _shm.segment_dirs(f"pool{secrets.token_hex(4)}")
@@ -148,11 +134,17 @@ class Pool:
             slot = self._idle.pop() if self._idle else None
             if slot is not None:
                 self._claim(slot, job)
+            elif call.ahead and not self._pending and (slot := room_ahead(self._slots, job)):
+                slot.queued.append(job)
+                job.slot, job.prefed = slot, True
+                self.prefed += 1
             else:
                 self._pending.append(job)
                 self._wake()
+            if slot is not None:
+                slot.outbox.append(job)
         if slot is not None:
-            self._send(slot, job)
+            self._flush(slot)
         return job.future
 
     def cancel(self, fut: Future[Any], grace: float) -> None:
@@ -170,6 +162,11 @@ class Pool:
             if job.cancelled:
                 return
             job.cancelled = True
+            if job.slot.job is not job:  # queued in the pipe: the worker skips it
+                self.withdrawn += 1
+                job.grace = max(0.0, grace)
+                request_skip(self._flags, job.slot.index, job.seq)
+                return
             request_cancel(self._flags, job.slot.index, job.seq)
             job.stop_at = time.monotonic() + max(0.0, grace)
             self._wake()
@@ -244,35 +241,33 @@ class Pool:
         except BlockingIOError:
             pass  # already awake
 
-    def _claim(self, slot: _Slot, job: PoolJob) -> None:
+    def _claim(self, slot: Slot, job: PoolJob) -> None:
         slot.job = job
         job.slot = slot
 
-    def _message(self, slot: _Slot, job: PoolJob) -> tuple[Any, ...]:
-        new: list[NewBlob] = []
-        keys = []
-        for blob in job.call.blobs:
-            cache = slot.caches[blob.category]
-            if blob.key in cache:
-                cache.touch(blob.key)
-            else:
-                new.append((blob.key, blob.category, blob.data()))
-                cache.add(blob.key, None)
-            keys.append((blob.key, blob.category))
-        level = logging.root.getEffectiveLevel()
-        call = job.call
-        # A RunCall, built as the plain tuple it travels as (once per call: no record
-        # constructed only to be taken apart again); field order as in _wire.RunCall.
-        return ("call", job.seq, call.fn, new, keys, call.args, call.deadline, level)
+    def _fill(self, slot: Slot) -> bool:
+        """Give ``slot`` pending calls (see :func:`.slots.fill`) or make it idle. Lock held;
+        True when its outbox has calls to send."""
+        if slot.dead or slot.retiring or self._closed:
+            return False
+        if slot.job is None and not self._pending:
+            self._idle.append(slot)
+            return False
+        sent, queued = fill(slot, self._pending, None not in self._slots)
+        self.prefed += queued
+        return sent
 
-    def _send(self, slot: _Slot, job: PoolJob) -> None:
+    def _flush(self, slot: Slot) -> None:
+        flush(slot, self._lock, self._send)
+
+    def _send(self, slot: Slot, job: PoolJob) -> None:
         try:
-            slot.conn.send(self._message(slot, job))
+            slot.conn.send(message(slot, job))
         except (OSError, ValueError) as exc:
             # The worker is gone; the manager thread sees its sentinel and fails the job.
             log.debug("send to worker %s failed: %s", slot.pid, exc)
 
-    def _spawn(self, index: int, announce: bool) -> _Slot:
+    def _spawn(self, index: int, announce: bool) -> Slot:
         reset_slot(self._flags, index)
         setup = (self._initializer, self._initargs, self._owner, self._max_tasks, announce)
         proc, parent_conn = start_worker(self._ctx, index, self._flags_path, setup)
@@ -280,7 +275,7 @@ class Pool:
             _shm.record_process_group(proc.pid)  # the worker leads a group of its own
         except OSError as exc:  # pragma: no cover - only crash cleanup depends on it
             log.debug("could not record worker %s's process group: %s", proc.pid, exc)
-        return _Slot(index, proc, parent_conn)
+        return Slot(index, proc, parent_conn)
 
     def _loop(self) -> None:
         try:
@@ -289,7 +284,7 @@ class Pool:
             log.exception("the cano_mp pool manager thread crashed")
             with self._lock:
                 self._broken = "the pool manager thread crashed (see the log)"
-                jobs = list(self._pending) + [s.job for s in self._slots if s and s.job]
+                jobs = list(self._pending) + [j for s in self._slots if s for j in jobs_of(s)]
                 self._pending.clear()
             for job in jobs:
                 if not job.future.done():
@@ -301,12 +296,12 @@ class Pool:
                 if self._closed:
                     break
                 sends = self._spawn_needed()
-            for slot, job in sends:
-                self._send(slot, job)
+            for slot in sends:
+                self._flush(slot)
             # Locals of this long-lived frame must not keep the last call (and through it a
             # store snapshot and its shared memory) alive.
             del sends
-            slot = job = None  # type: ignore[assignment]
+            slot = None  # type: ignore[assignment]
             with self._lock:
                 live = [s for s in self._slots if s is not None]
                 kill_times = [s.job.stop_at for s in live if s.job is not None and s.job.stop_at]
@@ -340,9 +335,9 @@ class Pool:
                         self._reap(s)
         self._shutdown_workers()
 
-    def _spawn_needed(self) -> list[tuple[_Slot, PoolJob]]:
-        # called with the lock held; returns the sends to make once it is released
-        sends: list[tuple[_Slot, PoolJob]] = []
+    def _spawn_needed(self) -> list[Slot]:
+        # called with the lock held; returns the slots to flush once it is released
+        sends: list[Slot] = []
         free = [i for i, s in enumerate(self._slots) if s is None]
         want = len(self._pending) + self._want_extra
         self._want_extra = 0
@@ -356,12 +351,8 @@ class Pool:
                 return sends
             self._spawn_backoff = 0.0
             self._slots[index] = slot
-            if self._pending:
-                job = self._pending.popleft()
-                self._claim(slot, job)
-                sends.append((slot, job))
-            else:
-                self._idle.append(slot)
+            if self._fill(slot):
+                sends.append(slot)
         return sends
 
     def _spawn_failed(self, exc: Exception) -> None:
@@ -381,12 +372,17 @@ class Pool:
                 job.future.set_exception(error)
         self._pending.clear()
 
-    def _receive(self, slot: _Slot) -> None:
+    def _receive(self, slot: Slot) -> bool:
+        """Handle one message from ``slot``'s worker; False if its pipe is closed."""
         try:
             data = slot.conn.recv_bytes()
         except (EOFError, OSError):
             self._reap(slot)
-            return
+            return False
+        self._handle(slot, data)
+        return True
+
+    def _handle(self, slot: Slot, data: bytes) -> None:
         try:
             raw = pickle.loads(data)
             if raw[0] == "ready":  # started ahead: imports done, initializer run
@@ -412,7 +408,7 @@ class Pool:
             slot.ready = True  # it replied, so it started (warm() polls for this)
             self._replied(slot, msg)
 
-    def _init_failed(self, slot: _Slot, text: str) -> None:
+    def _init_failed(self, slot: Slot, text: str) -> None:
         error = CanoError(f"the worker initializer failed:\n{text}")
         with self._lock:
             self._broken = text
@@ -424,22 +420,24 @@ class Pool:
         self._reap(slot)
         self._fail_pending(error)
 
-    def _replied(self, slot: _Slot, msg: Any) -> None:
+    def _replied(self, slot: Slot, msg: Any) -> None:
         # msg: Returned or Raised
         with self._lock:
             job = slot.job
             if job is None or job.seq != msg.seq:
-                return  # a stale reply: cannot happen with one call per slot
-            slot.job = None
-            nxt = None
-            if not slot.retiring:
-                nxt = self._pending.popleft() if self._pending and not self._closed else None
-                if nxt is not None:
-                    self._claim(slot, nxt)
-                else:
-                    self._idle.append(slot)
-        if nxt is not None:
-            self._send(slot, nxt)
+                return  # a stale reply: cannot happen, the worker answers in order
+            slot.job = nxt = slot.queued.popleft() if slot.queued else None
+            if nxt is not None and nxt.cancelled:  # it may have started before the skip
+                request_cancel(self._flags, slot.index, nxt.seq)
+                nxt.stop_at = time.monotonic() + nxt.grace
+            if slot.retiring:  # it runs nothing more: its queued calls go elsewhere
+                others = self._requeue(slot)
+            else:
+                others = []
+                if self._fill(slot):
+                    others.append(slot)
+        for s in others:
+            self._flush(s)
         fut = job.future
         if fut.done():
             return
@@ -450,7 +448,7 @@ class Pool:
         else:
             fut.set_exception(CanoError(f"cano_mp worker error:\n{msg.text}"))
 
-    def _unloadable(self, slot: _Slot, exc: Exception) -> None:
+    def _unloadable(self, slot: Slot, exc: Exception) -> None:
         with self._lock:
             job = slot.job
             seq = job.seq if job is not None else -1
@@ -461,6 +459,22 @@ class Pool:
         log.warning("worker %s: %s", slot.pid, text)
         self._replied(slot, Raised("raised", seq, text))
 
+    def _requeue(self, slot: Slot) -> list[Slot]:
+        """Calls ``slot`` never began go back to pending (lock held); slots to flush."""
+        back = take_back(slot)
+        self.requeued += len(back)
+        self._pending.extendleft(reversed(back))
+        if self._closed:
+            return []
+        flush = []
+        while self._pending and self._idle:
+            idle = self._idle.pop()
+            if self._fill(idle):
+                flush.append(idle)
+        if self._pending:
+            self._wake()  # the manager starts a worker for them
+        return flush
+
     def _fail_pending(self, exc: BaseException) -> None:
         with self._lock:
             jobs = list(self._pending)
@@ -469,22 +483,29 @@ class Pool:
             if not job.future.done():
                 job.future.set_exception(exc)
 
-    def _kill(self, slot: _Slot) -> None:
+    def _kill(self, slot: Slot) -> None:
         # The worker leads its own process group (see worker_main): one killpg stops it and
         # every process its task started, without waiting for any of them.
-        _kill_group(slot.pid)
+        kill_group(slot.pid)
         try:
             os.kill(slot.pid, signal.SIGKILL)  # not yet a group leader: it just started
         except ProcessLookupError:
             pass
 
-    def _reap(self, slot: _Slot) -> None:
+    def _reap(self, slot: Slot) -> None:
         if slot.dead:
             return
         slot.dead = True
+        # Replies it sent before it ended (the call it finished, its queued calls) are
+        # still in the pipe: read them before judging which call it died in.
+        try:
+            while slot.conn.poll(0) and self._receive(slot):
+                pass
+        except (EOFError, OSError, ValueError):
+            pass
         # Until it is joined the worker's pid (its group's id) cannot be reused: kill what
         # its task left running in the group (a subprocess), however the worker ended.
-        _kill_group(slot.pid)
+        kill_group(slot.pid)
         slot.process.join(timeout=5.0)
         exitcode = slot.process.exitcode
         try:
@@ -498,8 +519,15 @@ class Pool:
                 self._idle.remove(slot)
             except ValueError:
                 pass
-            job, slot.job = slot.job, None
             self._ready.notify_all()
+            job = slot.job
+            if job is not None and job.prefed and not began(self._flags, slot.index, job.seq):
+                job = None  # it answered the call before and died before this one began
+            else:
+                slot.job = None
+            flush = self._requeue(slot)  # the calls it never began go elsewhere
+        for s in flush:
+            self._flush(s)
         if job is not None and not job.future.done():
             if job.cancelled:
                 job.future.set_result(CANCELLED)
@@ -526,14 +554,9 @@ class Pool:
             s.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if s.process.exitcode is None:
                 self._kill(s)
-            was_running = s.job
+            was_running = jobs_of(s)
             self._reap(s)
-            if was_running is not None and not was_running.future.done():
-                was_running.future.set_exception(CanoError("the executor was closed"))
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+            for job in was_running:
+                if not job.future.done():
+                    job.future.set_exception(CanoError("the executor was closed"))
+        self._fail_pending(CanoError("the executor was closed"))  # taken back from a slot

@@ -1,6 +1,6 @@
 """The flags file: how the driver and a pool worker talk without a message.
 
-One shared file (``_shm.create_writable``: private, in the pool's own directory) holds four
+One shared file (``_shm.create_writable``: private, in the pool's own directory) holds five
 int64 per pool slot::
 
     offset  field         written by   meaning
@@ -8,6 +8,8 @@ int64 per pool slot::
     8       PROGRESS_SEQ  worker       the seq of the call running now (0: none)
     16      POSITION      worker       the item of a batch chunk it works on (-1: none yet)
     24      STARTED       worker       when that item started (time.monotonic_ns())
+    32      SKIP          driver       the seq of a call queued in the worker's pipe
+                                       (pre-fed) that was cancelled before it started
 
 Cancellation is a flag, not a message: :class:`CallControl` (the ``control`` argument of a
 call) compares CANCEL with the running call's seq, so a cancelled call notices without
@@ -26,26 +28,41 @@ __all__ = [
     "POSITION",
     "PROGRESS_SEQ",
     "SLOT_BYTES",
+    "SKIP",
+    "began",
     "STARTED",
     "CallControl",
     "read_progress",
     "request_cancel",
+    "request_skip",
     "reset_slot",
 ]
 
 # Layout of one pool slot in the flags file (byte offsets of int64 fields).
-SLOT_BYTES = 32
-CANCEL, PROGRESS_SEQ, POSITION, STARTED = 0, 8, 16, 24
+SLOT_BYTES = 40
+CANCEL, PROGRESS_SEQ, POSITION, STARTED, SKIP = 0, 8, 16, 24, 32
 
 
 def reset_slot(flags: mmap.mmap, index: int) -> None:
     """Driver: clear slot ``index`` before a new worker starts on it."""
-    struct.pack_into("qqqq", flags, SLOT_BYTES * index, 0, 0, -1, 0)
+    struct.pack_into("qqqqq", flags, SLOT_BYTES * index, 0, 0, -1, 0, 0)
 
 
 def request_cancel(flags: mmap.mmap, index: int, seq: int) -> None:
     """Driver: ask call ``seq``, running in slot ``index``, to stop."""
     struct.pack_into("q", flags, SLOT_BYTES * index + CANCEL, seq)
+
+
+def request_skip(flags: mmap.mmap, index: int, seq: int) -> None:
+    """Driver: call ``seq``, queued in slot ``index``'s pipe, must not start. (Should the
+    worker have started it already, the driver asks it to stop with :func:`request_cancel`
+    once it is the slot's running call.)"""
+    struct.pack_into("q", flags, SLOT_BYTES * index + SKIP, seq)
+
+
+def began(flags: mmap.mmap, index: int, seq: int) -> bool:
+    """Driver: whether the worker of slot ``index`` has begun call ``seq``."""
+    return bool(struct.unpack_from("q", flags, SLOT_BYTES * index + PROGRESS_SEQ)[0] == seq)
 
 
 def read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] | None:
@@ -61,9 +78,9 @@ def read_progress(flags: mmap.mmap, index: int, seq: int) -> tuple[int, float] |
     started = struct.unpack_from("q", flags, base + STARTED)[0]
     if struct.unpack_from("q", flags, base + PROGRESS_SEQ)[0] != seq:
         return None
-    if position < 0:
+    if position == -1:
         return None
-    return int(position), started / 1e9
+    return int(position), started / 1e9  # position < -1: a block (_calls.block_position)
 
 
 class CallControl:
@@ -89,6 +106,10 @@ class CallControl:
         v[b + 2] = -1
         v[b + 3] = 0
         v[b + 1] = seq
+
+    def skipped(self) -> bool:
+        """Whether the driver withdrew the call just begun (see :func:`request_skip`)."""
+        return bool(self._view[self._base + 4] == self.seq)
 
     def end(self) -> None:
         self.seq = 0

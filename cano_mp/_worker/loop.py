@@ -178,7 +178,8 @@ def _serve(conn: Connection, control: CallControl, max_tasks: int | None, health
         seq = msg.seq
         control.begin(seq)
         try:
-            reply = _run(msg, control, objs)
+            # a pre-fed call the driver withdrew while it waited in the pipe: not run
+            reply = ("returned", seq, None) if control.skipped() else _run(msg, control, objs)
         except BaseException:
             reply = _raised(seq, traceback.format_exc())
         control.end()
