@@ -30,13 +30,17 @@ import cloudpickle
 
 from . import _context
 from ._context import NO_RESOURCES, TaskContext, _LazyContext, _set_context
-from ._errors import Terminated
+from ._errors import StoreError, Terminated
+from ._log import get_logger
 from ._stepped import CONTINUE
 from ._store import ReadOnlyStore, TaskStore, WireSnapshot
+from ._store import results as results_shm
 from ._task import Node, Task
 from ._wire import ChunkOutcome, ItemFailed, Timing, encode_error, short_repr
 
 __all__ = ["TaskExit", "UnitSpec", "UnknownState", "run_batch_chunk", "run_unit_call"]
+
+log = get_logger("cano_mp.batch")
 
 
 class UnitSpec:
@@ -188,20 +192,29 @@ _CANCEL_CHECK_EVERY = 64
 _CANCEL_CHECK_SECONDS = 0.01
 
 
-def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
+def _pack_results(
+    results: list[Any], failures: list[ItemFailed], dirs: Any, token: str
+) -> results_shm.Packed:
+    """The chunk's ``(results, failures)`` for the pipe: large buffers (numpy results) in one
+    shared-memory segment, the rest pickled (see :mod:`._store.results`)."""
     try:
-        return bytes(cloudpickle.dumps((results, failures)))
+        return results_shm.pack((results, failures), dirs, token)
+    except StoreError:  # no room for the segment: through the pipe, as pickles
+        log.debug("batch results go through the pipe: no room in shared memory", exc_info=True)
     except Exception:
-        pass
-    # Some result cannot be pickled: find which, and fail those items alone.
-    for k, value in enumerate(results):
+        # Some result cannot be pickled: find which, and fail those items alone.
+        for k, value in enumerate(results):
+            try:
+                cloudpickle.dumps(value)
+            except Exception as exc:
+                results[k] = None
+                err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
+                failures.append(ItemFailed(k, "err", encode_error(err, True)))
         try:
-            cloudpickle.dumps(value)
-        except Exception as exc:
-            results[k] = None
-            err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
-            failures.append(ItemFailed(k, "err", encode_error(err, True)))
-    return bytes(cloudpickle.dumps((results, failures)))
+            return results_shm.pack((results, failures), dirs, token)
+        except StoreError:
+            pass
+    return (bytes(cloudpickle.dumps((results, failures))), None)
 
 
 def run_batch_chunk(
@@ -220,7 +233,8 @@ def run_batch_chunk(
 ) -> ChunkOutcome:
     """Process the items of one chunk in order; never raises for errors of the items.
 
-    ``packed`` of the outcome is ``(results, failures)`` (cloudpickled when ``remote``),
+    ``packed`` of the outcome is ``(results, failures)`` (when ``remote``: packed by
+    ``_store.results.pack``, large buffers in a shared-memory segment),
     each failure an :class:`~cano_mp._wire.ItemFailed`. ``deadline`` is unused: each item
     has its own (``timeout``).
     """
@@ -254,7 +268,9 @@ def run_batch_chunk(
         _context.log_tags = None
         store._finish(False)
     results, failures = chunk.results, chunk.failures
-    packed: Any = _pack_results(results, failures) if remote else (results, failures)
+    packed: Any = (
+        _pack_results(results, failures, store._dirs, token) if remote else (results, failures)
+    )
     return ChunkOutcome(packed, Timing(pid, started, time.time()))
 
 

@@ -19,6 +19,7 @@ Groups and cases:
             fairness  a slow workflow's time beside 1,000 quick instances vs alone
     observe chain+inline with a MetricsObserver, and with INFO logging, vs without
     dask    dask      fanout and batch tiny on a 2-worker LocalCluster vs client.map (extra dask)
+    arrays  arrayread a task sums a 200 MB array: first and second read vs in-process, fresh mmap
     scheduler lateness 100 ticks of a 50 ms interval flow vs a bare Event.wait loop
             idle      100 flows on 60 s intervals: CPU used over 10 s
             drift     1,000 ticks at 20 ms: lateness of the last tick vs the first
@@ -1086,6 +1087,13 @@ def _case_dask(o: Opts) -> None:
     case_dask(o)
 
 
+def _case_arrays(name: str, o: Opts) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_arrays  # here, not at the top: it imports this module back
+
+    getattr(bench_arrays, f"case_{name}")(o)
+
+
 # ----------------------------------------------------------------------------------------
 # scheduler: lateness, idle, drift
 # ----------------------------------------------------------------------------------------
@@ -1643,6 +1651,7 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "fairness": case_fairness,
     "observe": case_observe,
     "dask": lambda o: _case_dask(o),
+    "arrayread": lambda o: _case_arrays("arrayread", o),
     "lateness": case_lateness,
     "idle": case_idle,
     "drift": case_drift,
@@ -1660,6 +1669,7 @@ GROUPS = {
     "scheduler": ["lateness", "idle", "drift"],
     "observe": ["observe"],
     "dask": ["dask"],
+    "arrays": ["arrayread"],
     "checkpoint": ["checkpoint"],
     "limiter": ["limiter"],
 }
