@@ -20,6 +20,7 @@ Groups and cases:
     observe chain+inline with a MetricsObserver, and with INFO logging, vs without
     dask    dask      fanout and batch tiny on a 2-worker LocalCluster vs client.map (extra dask)
     arrays  arrayread a task sums a 200 MB array: first and second read vs in-process, fresh mmap
+            etl       240 CSV files parsed in a BatchTask, 3 aggregations: vs Pool, joblib, Dask
     scheduler lateness 100 ticks of a 50 ms interval flow vs a bare Event.wait loop
             idle      100 flows on 60 s intervals: CPU used over 10 s
             drift     1,000 ticks at 20 ms: lateness of the last tick vs the first
@@ -1087,11 +1088,12 @@ def _case_dask(o: Opts) -> None:
     case_dask(o)
 
 
-def _case_arrays(name: str, o: Opts) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_arrays  # here, not at the top: it imports this module back
+def _case_from(module: str, name: str, o: Opts) -> None:
+    import importlib
 
-    getattr(bench_arrays, f"case_{name}")(o)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # here, not at the top: these modules import this one back
+    getattr(importlib.import_module(module), f"case_{name}")(o)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1651,7 +1653,8 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "fairness": case_fairness,
     "observe": case_observe,
     "dask": lambda o: _case_dask(o),
-    "arrayread": lambda o: _case_arrays("arrayread", o),
+    "arrayread": lambda o: _case_from("bench_arrays", "arrayread", o),
+    "etl": lambda o: _case_from("bench_etl", "etl", o),
     "lateness": case_lateness,
     "idle": case_idle,
     "drift": case_drift,
@@ -1669,7 +1672,7 @@ GROUPS = {
     "scheduler": ["lateness", "idle", "drift"],
     "observe": ["observe"],
     "dask": ["dask"],
-    "arrays": ["arrayread"],
+    "arrays": ["arrayread", "etl"],
     "checkpoint": ["checkpoint"],
     "limiter": ["limiter"],
 }

@@ -19,10 +19,10 @@ what is held at any time.
 Nothing is ever unmapped under a live array: evicting only drops the cache's reference, and
 the ``mmap`` goes when the last array over it goes.
 
-First touch: a new mapping of at least ``POPULATE_MIN`` bytes is pre-faulted by a background
-thread (``MADV_POPULATE_READ``, Linux 5.14+; batched kernel calls instead of a fault per
-page), back to front while the task already runs from the front: a task that reads a slice
-does not wait for it, a task that reads it all meets the thread halfway.
+First touch: a new cached mapping of at least ``POPULATE_MIN`` bytes is pre-faulted by a
+background thread (``MADV_POPULATE_READ``, Linux 5.14+; batched kernel calls instead of a
+fault per page), back to front while the task already runs from the front: a task that
+reads a slice does not wait for it, a task that reads it all meets the thread halfway.
 
 Knobs (environment, read when a worker starts): ``CANO_MP_MAP_CACHE_MB`` (the budget per
 worker in MiB, default 1024; ``0`` turns the cache off) and ``CANO_MP_MAP_POPULATE``
@@ -108,7 +108,7 @@ class MapCache:
                     self.counts["evictions"] += 1
         if dropped:
             self._later(_Release(dropped))
-        if self.populate and length >= POPULATE_MIN:
+        if self.populate and kept and length >= POPULATE_MIN:
             self._later(lambda: self._prefault(mm, length))
         return mm, kept
 
