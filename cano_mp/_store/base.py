@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, overload
 
 from .._errors import StoreError, StoreKeyError
 from .codec import Encoded, Ref, Writer, buffer_address, encode
+from .mapcache import prefault
 
 if TYPE_CHECKING:
     from typing import Self
@@ -155,6 +156,8 @@ class SharedStore:
         shape = list(first.shape)
         shape[ax] = sum(p.shape[ax] for p in parts)
         out = self.array(key, tuple(shape), np.result_type(*parts))
+        if out.nbytes >= 4 * 1024 * 1024:  # every page is written: map them all at once
+            prefault(out.ctypes.data, out.nbytes, write=True)
         np.concatenate(parts, axis=ax, out=out)
         return out
 

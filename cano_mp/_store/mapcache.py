@@ -43,13 +43,14 @@ from typing import Any
 
 from .shm import open_checked
 
-__all__ = ["MapCache", "current", "enable", "from_env", "stats", "sweep"]
+__all__ = ["MapCache", "current", "enable", "from_env", "prefault", "stats", "sweep"]
 
 DEFAULT_BUDGET_MB = 1024
 MAX_ENTRIES = 128
 POPULATE_MIN = 4 * 1024 * 1024
 PREFAULT_CHUNK = 2 * 1024 * 1024
 _MADV_POPULATE_READ = 22
+_MADV_POPULATE_WRITE = 23
 
 
 class _Entry:
@@ -200,6 +201,29 @@ class _Release:
 
     def __call__(self) -> None:
         self.entries = None
+
+
+_libc_madvise: Any = None
+
+
+def prefault(address: int, length: int, write: bool) -> bool:
+    """``MADV_POPULATE_READ`` / ``_WRITE`` over ``[address, address + length)``: one kernel
+    call that maps every page, instead of a page fault per page. False where unsupported."""
+    global _libc_madvise
+    if _libc_madvise is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            _libc_madvise = False
+            return False
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        fn.restype = ctypes.c_int
+        _libc_madvise = fn
+    if _libc_madvise is False:
+        return False
+    start = address & ~(mmap.PAGESIZE - 1)
+    advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
+    return bool(_libc_madvise(start, length + address - start, advice) == 0)
 
 
 _current: MapCache | None = None

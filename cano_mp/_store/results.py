@@ -5,7 +5,7 @@ buffers out of band) should not push them through the pipe as pickles: the worke
 copy them into a pickle, the pipe would copy them twice, and the driver would copy them out
 again. Instead, :func:`pack` pickles a chunk's results with protocol 5 and writes every
 buffer of at least ``MIN_BYTES`` into **one** segment per chunk (``<token>-r-<pid>-<n>`` in
-the store's directories: 0600, ``O_EXCL``, space reserved, tmpfs first), 64-byte aligned;
+the store's directories: 0600, ``O_EXCL``, ``pwrite``, tmpfs first), 64-byte aligned;
 only the small pickle crosses the pipe.
 
 :func:`unpack`, in the driver, checks and maps that segment (``shm.open_checked``: no
@@ -61,16 +61,18 @@ def pack(value: Any, dirs: tuple[str | None, str], token: str) -> Packed:
     payload = bytes(cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band))
     if not bufs:
         return (payload, None)
-    spans, end = [], 0
+    spans, at = [], 0
     for raw in bufs:
-        spans.append((end, raw.nbytes))
-        end += (raw.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        spans.append((at, raw.nbytes))
+        at += (raw.nbytes + ALIGN - 1) // ALIGN * ALIGN
+    end = spans[-1][0] + spans[-1][1]  # the file's size: the last buffer's end
     name = f"{token}{RESULTS_TAG}-{os.getpid()}-{next(_seq)}"
 
     def make(path: str) -> str:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
-            os.posix_fallocate(fd, 0, end)  # ENOSPC now, never a SIGBUS later
+            # Written, not mapped: a full tmpfs is an ENOSPC here (handled by _place), never
+            # a SIGBUS; no posix_fallocate, which would zero every page before the write.
             for raw, (off, n) in zip(bufs, spans, strict=True):
                 done = 0
                 while done < n:
