@@ -178,3 +178,33 @@ def test_a_segment_planted_by_another_user_fails_cached_or_not(
 
 def test_the_driver_has_no_cache() -> None:
     assert mapcache.stats() is None  # inline tasks map and unmap per call, as before
+
+
+def _rss_kb(path: str) -> int:
+    """Resident kB of this process's mapping of ``path`` (from /proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith(path):
+            for nxt in lines[i + 1 :]:
+                if nxt.startswith("Rss:"):
+                    return int(nxt.split()[1])
+    raise AssertionError(f"{path} is not mapped")
+
+
+def test_a_new_large_mapping_is_prefaulted_in_the_background(tmp_path: Path) -> None:
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    if (major, minor) < (5, 14):
+        pytest.skip("MADV_POPULATE_READ needs Linux 5.14")
+    cache = mapcache.MapCache(64 * MB, populate=True)
+    os.chmod(tmp_path, 0o700)
+    path = str(tmp_path / "seg")
+    np.ones(1 * MB).tofile(path)  # 8 MB
+    os.chmod(path, 0o600)
+    mm, kept = cache.map(path, 8 * MB)
+    assert kept
+    deadline = time.monotonic() + 30
+    while cache.stats()["populated"] == 0 and cache.populate and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cache.populate and cache.stats()["populated"] == 1
+    assert _rss_kb(path) >= 8 * 1024 - 4  # every page mapped, none touched by this test
+    del mm

@@ -72,7 +72,7 @@ class MapCache:
         self.held = 0
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "populated": 0}
         self._jobs: queue.SimpleQueue[Callable[[], object]] | None = None
-        self._madvise: Any = None
+        self._sweep_pending = False
 
     def map(self, path: str, nbytes: int) -> tuple[mmap.mmap, bool]:
         """``(mapping, kept)``: a read-only mapping of the checked segment at ``path``;
@@ -116,10 +116,12 @@ class MapCache:
     def sweep(self) -> None:
         """Drop, in the background, the mappings whose file was deleted or replaced: their
         pages go with them (unmapping 200 MB takes tens of ms: never on a call's path)."""
-        if self._entries:
+        if self._entries and not self._sweep_pending:
+            self._sweep_pending = True  # one at a time: quick calls do not queue up sweeps
             self._later(self.sweep_now)
 
     def sweep_now(self) -> None:
+        self._sweep_pending = False
         with self._lock:
             items = list(self._entries.items())
         dropped = []
@@ -164,30 +166,22 @@ class MapCache:
             del job
 
     def _prefault(self, mm: mmap.mmap, length: int) -> None:
-        """One ``MADV_POPULATE_READ`` over a new mapping (``madvise`` releases the GIL)."""
-        if self._madvise is None:
-            try:
-                import numpy  # noqa: F401 - the address of a read-only mapping, without a copy
-
-                madvise = ctypes.CDLL(None, use_errno=True).madvise
-            except (ImportError, OSError, AttributeError):
-                self.populate = False
-                return
-            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            madvise.restype = ctypes.c_int
-            self._madvise = madvise
-        import numpy as np
-
+        """Pre-fault a new mapping, back to front, a chunk at a time: a task reading from
+        the front meets this thread halfway, each faulting in half the pages (on a free
+        core). ``madvise`` releases the GIL."""
+        try:
+            import numpy as np  # the address of a read-only mapping, without a copy
+        except ImportError:
+            self.populate = False
+            return
         view = np.frombuffer(mm, dtype=np.uint8, count=length)
         addr = view.__array_interface__["data"][0]
-        # Back to front, a chunk at a time: a task reading from the front meets this
-        # thread halfway, each faulting in half the pages (on a free core).
         end = length
         while end > 0:
             start = max(0, end - PREFAULT_CHUNK)
-            if self._madvise(addr + start, end - start, _MADV_POPULATE_READ) != 0:
-                if ctypes.get_errno() == errno.EINVAL:  # a kernel before 5.14
-                    self.populate = False
+            if not prefault(addr + start, end - start, write=False):
+                if _libc_madvise is False or ctypes.get_errno() == errno.EINVAL:
+                    self.populate = False  # no libc madvise, or a kernel before 5.14
                 return
             end = start
         self.counts["populated"] += 1

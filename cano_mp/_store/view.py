@@ -54,7 +54,9 @@ class _CallMaps:
 
     def view(self, ref: Ref) -> memoryview:
         path = ref[0]
-        mm = self._maps.get(path) or self._kept.get(path)
+        mm = self._maps.get(path)
+        if mm is None:
+            mm = self._kept.get(path)
         if mm is None:
             held = HELD_SEGMENTS.get(path)
             if held is not None:
