@@ -63,7 +63,7 @@ def read(flow: Workflow[str], store: SharedStore, key: str) -> dict[str, int]:
 def test_second_read_of_an_unchanged_array_hits_the_cache(
     one_worker: ProcessExecutor, store: SharedStore
 ) -> None:
-    store["a"] = np.arange(1 * MB, dtype=np.float64)  # 8 MB: pre-faulted too
+    store["a"] = np.arange(1 * MB, dtype=np.float64)  # 8 MB
     flow = flow_of(one_worker)
     first = read(flow, store, "a")
     second = read(flow, store, "a")
