@@ -89,6 +89,11 @@ class BatchTask(Generic[S, I, R]):
         def process(self, rows: range) -> float:
             table = task_context().store.get("table")   # shared memory, no copy
             return float(table[rows.start:rows.stop].sum())
+
+    Large results come back through shared memory: numpy arrays of 64 kB or more that
+    ``process`` returns travel in one shared-memory segment per chunk, not through the pipe,
+    and ``finish`` gets them as zero-copy (copy-on-write) arrays. Keep them as one array in
+    the store with one copy: ``store.concatenate("table", results)``.
     """
 
     config: TaskConfig = TaskConfig()

@@ -30,13 +30,17 @@ import cloudpickle
 
 from . import _context
 from ._context import NO_RESOURCES, TaskContext, _LazyContext, _set_context
-from ._errors import Terminated
+from ._errors import StoreError, Terminated
+from ._log import get_logger
 from ._stepped import CONTINUE
 from ._store import ReadOnlyStore, TaskStore, WireSnapshot
+from ._store import results as results_shm
 from ._task import Node, Task
 from ._wire import ChunkOutcome, ItemFailed, Timing, encode_error, short_repr
 
 __all__ = ["TaskExit", "UnitSpec", "UnknownState", "run_batch_chunk", "run_unit_call"]
+
+log = get_logger("cano_mp.batch")
 
 
 class UnitSpec:
@@ -202,12 +206,29 @@ def block_of(position: int) -> tuple[int, int] | None:
     return v & 0xFFFFFFFF, v >> 32
 
 
-def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
+def _pack_results(
+    results: list[Any], failures: list[ItemFailed], dirs: Any, token: str
+) -> results_shm.Packed:
+    """The chunk's ``(results, failures)`` for the pipe: large buffers (numpy results) in one
+    shared-memory segment, the rest pickled (see :mod:`._store.results`). A result that
+    cannot be pickled fails its item alone."""
+    for attempt in range(2):
+        try:
+            return results_shm.pack((results, failures), dirs, token)
+        except StoreError:  # no room for the segment: through the pipe, as pickles
+            log.debug("batch results go through the pipe: no room in shared memory", exc_info=True)
+            break
+        except Exception:
+            if attempt == 0:
+                _fail_unpicklable(results, failures)
     try:
-        return bytes(cloudpickle.dumps((results, failures)))
+        return (bytes(cloudpickle.dumps((results, failures))), None)
     except Exception:
-        pass
-    # Some result cannot be pickled: find which, and fail those items alone.
+        _fail_unpicklable(results, failures)
+        return (bytes(cloudpickle.dumps((results, failures))), None)
+
+
+def _fail_unpicklable(results: list[Any], failures: list[ItemFailed]) -> None:
     for k, value in enumerate(results):
         try:
             cloudpickle.dumps(value)
@@ -215,7 +236,6 @@ def _pack_results(results: list[Any], failures: list[ItemFailed]) -> bytes:
             results[k] = None
             err = TypeError(f"the result of item {k} could not be sent to the driver: {exc}")
             failures.append(ItemFailed(k, "err", encode_error(err, True)))
-    return bytes(cloudpickle.dumps((results, failures)))
 
 
 def run_batch_chunk(
@@ -234,7 +254,8 @@ def run_batch_chunk(
 ) -> ChunkOutcome:
     """Process the items of one chunk in order; never raises for errors of the items.
 
-    ``packed`` of the outcome is ``(results, failures)`` (cloudpickled when ``remote``),
+    ``packed`` of the outcome is ``(results, failures)`` (when ``remote``: packed by
+    ``_store.results.pack``, large buffers in a shared-memory segment),
     each failure an :class:`~cano_mp._wire.ItemFailed`. ``deadline`` is unused: each item
     has its own (``timeout``).
     """
@@ -269,7 +290,9 @@ def run_batch_chunk(
         _context.log_tags = None
         store._finish(False)
     results, failures = chunk.results, chunk.failures
-    packed: Any = _pack_results(results, failures) if remote else (results, failures)
+    packed: Any = (
+        _pack_results(results, failures, store._dirs, token) if remote else (results, failures)
+    )
     return ChunkOutcome(packed, Timing(pid, started, time.time()))
 
 

@@ -20,6 +20,8 @@ Groups and cases:
             fairness  a slow workflow's time beside 1,000 quick instances vs alone
     observe chain+inline with a MetricsObserver, and with INFO logging, vs without
     dask    dask      fanout and batch tiny on a 2-worker LocalCluster vs client.map (extra dask)
+    arrays  arrayread a task sums a 200 MB array: first and second read vs in-process, fresh mmap
+            etl       240 CSV files parsed in a BatchTask, 3 aggregations: vs Pool, joblib, Dask
     scheduler lateness 100 ticks of a 50 ms interval flow vs a bare Event.wait loop
             idle      100 flows on 60 s intervals: CPU used over 10 s
             drift     1,000 ticks at 20 ms: lateness of the last tick vs the first
@@ -1141,6 +1143,14 @@ def _case_dask(o: Opts) -> None:
     case_dask(o)
 
 
+def _case_from(module: str, name: str, o: Opts) -> None:
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    # here, not at the top: these modules import this one back
+    getattr(importlib.import_module(module), f"case_{name}")(o)
+
+
 # ----------------------------------------------------------------------------------------
 # scheduler: lateness, idle, drift
 # ----------------------------------------------------------------------------------------
@@ -1699,6 +1709,8 @@ CASES: dict[str, Callable[[Opts], None]] = {
     "fairness": case_fairness,
     "observe": case_observe,
     "dask": lambda o: _case_dask(o),
+    "arrayread": lambda o: _case_from("bench_arrays", "arrayread", o),
+    "etl": lambda o: _case_from("bench_etl", "etl", o),
     "lateness": case_lateness,
     "idle": case_idle,
     "drift": case_drift,
@@ -1716,6 +1728,7 @@ GROUPS = {
     "scheduler": ["lateness", "idle", "drift"],
     "observe": ["observe"],
     "dask": ["dask"],
+    "arrays": ["arrayread", "etl"],
     "checkpoint": ["checkpoint"],
     "limiter": ["limiter"],
 }

@@ -17,7 +17,8 @@ import cloudpickle
 
 from .._errors import CanoError
 from .._store.byvalue import ValueSnapshot, hold_snapshot, pack_log, release_snapshot
-from .._wire import BLOB_CACHE_SIZES, BlobCache, UnitOutcome, is_unit_outcome
+from .._store.results import inband as results_inband
+from .._wire import BLOB_CACHE_SIZES, BlobCache, ChunkOutcome, UnitOutcome, is_unit_outcome
 
 __all__ = [
     "FLAG_TTL",
@@ -155,4 +156,6 @@ def run_remote(fn: Callable[..., Any], call_id: str, layout: Layout, *rest: Any)
         if unit.ok:
             packed, data = pack_log(unit.log)
             return RemoteResult(unit._replace(log=packed).to_wire(), data)
+    if isinstance(out, ChunkOutcome):  # a batch chunk's results: by value, like the log
+        out = out._replace(packed=results_inband(out.packed))
     return RemoteResult(out, {})

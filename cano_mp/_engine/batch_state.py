@@ -40,6 +40,9 @@ from .._executors import Executor
 from .._log import get_logger
 from .._progress import progress_bar
 from .._store import Snapshot, TaskStore
+from .._store.results import RESULTS_TAG
+from .._store.results import drop as drop_results
+from .._store.results import unpack as unpack_results
 from .._wire import AHEAD_MAX_BYTES, Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
@@ -212,12 +215,18 @@ class BatchState:
         for ch in self.b.running:
             if ch.future is not None:
                 self.executor.cancel(ch.future, grace)
+                ch.future.add_done_callback(_drop_outcome)  # results nobody will take
+        for ch in self.b.stopping:
+            if ch.future is not None:
+                ch.future.add_done_callback(_drop_outcome)
         self.b.running.clear()
         self.view._finish(False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if not self.inline:  # results of chunks whose worker died while sending them
+            self.scope.store._discard(self.token + RESULTS_TAG)
         close = getattr(self.items, "close", None)  # a generator: run its finally blocks
         if close is not None:
             try:
@@ -367,8 +376,10 @@ class BatchState:
             ch = b.done.popleft()
             if ch in b.stopping:  # a timed-out chunk has really stopped: its slot is free
                 b.stopping.discard(ch)
+                _drop_outcome(ch.future)
                 continue
             if ch not in b.running:
+                _drop_outcome(ch.future)
                 continue
             b.running.discard(ch)
             fut = ch.future
@@ -389,7 +400,7 @@ class BatchState:
         """Place a finished chunk's results; its failed items spend an attempt each."""
         b, scope = self.b, self.scope
         try:
-            values, failures = cloudpickle.loads(out.packed) if not self.inline else out.packed
+            values, failures = out.packed if self.inline else unpack_results(out.packed)
         except Exception as exc:  # results that cannot be loaded here
             exc.add_note("(while loading the chunk's results in the driver)")
             for k in range(len(ch.items)):
@@ -537,3 +548,11 @@ class BatchState:
             b.results[index] = ItemFailure(index, decision.cause, attempt)
         elif b.fatal is None:
             b.fatal = decision.error
+
+
+def _drop_outcome(fut: Future[Any] | None) -> None:
+    """Remove the shared-memory results of a chunk nobody will settle (stopped, cancelled)."""
+    if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+        out = fut.result()
+        if isinstance(out, ChunkOutcome):
+            drop_results(out.packed)

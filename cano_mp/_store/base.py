@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import mmap
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, overload
 
 from .._errors import StoreError, StoreKeyError
 from .codec import Encoded, Ref, Writer, buffer_address, encode
+from .mapcache import prefault
 
 if TYPE_CHECKING:
     from typing import Self
@@ -117,6 +118,48 @@ class SharedStore:
         snapshotted).
         """
         raise _unimplemented(self, "array")
+
+    def concatenate(
+        self, key: str, arrays: Sequence[npt.ArrayLike], axis: int = 0
+    ) -> np.ndarray[Any, Any]:
+        """Join ``arrays`` along ``axis`` into a new shared-memory array stored under ``key``
+        (as :meth:`array` makes it), and return it.
+
+        One copy, straight into shared memory: nothing is concatenated in private memory
+        first, nothing copied again when stored. Meant for a ``BatchTask``'s ``finish()``,
+        whose large numpy results arrive from the workers through shared memory::
+
+            def finish(self, store, results):       # results: one array per item
+                store.concatenate("rows", results)  # tasks read store["rows"], zero-copy
+                return Step.NEXT
+
+        Raises ``ValueError`` (and stores nothing) when the arrays cannot be joined.
+        """
+        import numpy as np
+
+        parts = [np.asarray(a) for a in arrays]
+        if not parts:
+            raise ValueError(f"store.concatenate({key!r}): no arrays to join")
+        first = parts[0]
+        if first.ndim == 0:
+            raise ValueError(f"store.concatenate({key!r}): 0-d arrays cannot be joined")
+        ax = axis + first.ndim if axis < 0 else axis
+        if not 0 <= ax < first.ndim:
+            raise ValueError(f"store.concatenate({key!r}): axis {axis} is out of range")
+        rest = [s for i, s in enumerate(first.shape) if i != ax]
+        for n, p in enumerate(parts):
+            if p.ndim != first.ndim or [s for i, s in enumerate(p.shape) if i != ax] != rest:
+                raise ValueError(
+                    f"store.concatenate({key!r}): array {n} has shape {p.shape}, which does not "
+                    f"join {first.shape} along axis {axis}"
+                )
+        shape = list(first.shape)
+        shape[ax] = sum(p.shape[ax] for p in parts)
+        out = self.array(key, tuple(shape), np.result_type(*parts))
+        if out.nbytes >= 4 * 1024 * 1024:  # every page is written: map them all at once
+            prefault(out.ctypes.data, out.nbytes, write=True)
+        np.concatenate(parts, axis=ax, out=out)
+        return out
 
     def close(self) -> None:
         """Release all shared memory of this store; idempotent. The store is unusable after."""

@@ -62,6 +62,7 @@ __all__ = [
     "check_private_dir",
     "create_writable",
     "map_readonly",
+    "open_checked",
     "open_private",
     "own_dirs",
     "process_dir",
@@ -263,6 +264,13 @@ def open_private(path: str, flags: int = os.O_RDONLY, size: int | None = None) -
     Refuses (``StoreError``) a file that is not a regular file, not owned by our uid, writable
     by others, or shorter than ``size`` (mapping past its end would be a SIGBUS).
     """
+    return open_checked(path, size, flags)[0]
+
+
+def open_checked(
+    path: str, size: int | None = None, flags: int = os.O_RDONLY
+) -> tuple[int, os.stat_result]:
+    """:func:`open_private`, also returning the ``fstat`` it checked (a file's identity)."""
     try:
         fd = os.open(path, flags | _O_NOFOLLOW)
     except FileNotFoundError:
@@ -284,7 +292,7 @@ def open_private(path: str, flags: int = os.O_RDONLY, size: int | None = None) -
     if problem is not None:
         os.close(fd)
         raise StoreError(f"refusing to read shared-memory segment {path}: {problem}")
-    return fd
+    return fd, st
 
 
 def _create(path: str) -> int:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import StoreError, StoreKeyError
 from .base import MISSING, SharedStore, Writable, appended, check_key, encode_for
 from .codec import Encoded, Ref, all_refs, decode
+from .mapcache import current as map_cache
 from .records import Append, Clear, Delete, LogOp, Put, WireOp, WireSnapshot, log_to_wire
 from .shm import create_writable, map_readonly, write_segment
 
@@ -44,19 +45,28 @@ HELD_SEGMENTS: dict[str, memoryview] = {}
 
 
 class _CallMaps:
-    """Segments mapped during one call; unmapped at its end unless a value still uses them."""
+    """Segments mapped during one call; unmapped at its end unless a value still uses them
+    or the worker's mapping cache (:mod:`.mapcache`) keeps them for later calls."""
 
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
+        self._kept: dict[str, mmap.mmap] = {}
 
     def view(self, ref: Ref) -> memoryview:
-        mm = self._maps.get(ref[0])
+        path = ref[0]
+        mm = self._maps.get(path)
         if mm is None:
-            held = HELD_SEGMENTS.get(ref[0])
+            mm = self._kept.get(path)
+        if mm is None:
+            held = HELD_SEGMENTS.get(path)
             if held is not None:
                 return held[: ref[1]]
-            mm = map_readonly(ref[0], ref[1])
-            self._maps[ref[0]] = mm
+            cache = map_cache()
+            if cache is None:
+                mm = self._maps[path] = map_readonly(path, ref[1])
+            else:
+                mm, kept = cache.map(path, ref[1])
+                (self._kept if kept else self._maps)[path] = mm
         return memoryview(mm)[: ref[1]]
 
     def close(self) -> None:
@@ -66,6 +76,7 @@ class _CallMaps:
             except BufferError:
                 pass  # the task kept an array on it: unmapped when that array dies
         self._maps.clear()
+        self._kept.clear()  # the cache's: never closed here
 
 
 class TaskStore(SharedStore):

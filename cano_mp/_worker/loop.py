@@ -17,6 +17,7 @@ from typing import Any
 import cloudpickle
 
 from .._errors import StoreError
+from .._store import mapcache as _mapcache
 from .._store import shm as _shm
 from .._wire import BlobCache, InitFailed, Raised, RunCall
 from .flags import SLOT_BYTES, CallControl
@@ -79,6 +80,7 @@ def worker_main(
     if owner:
         os.environ[_shm.OWNER_ENV] = owner
     _die_with_parent(parent)
+    _mapcache.from_env()  # read-only segment mappings kept across calls
     try:
         fd = _shm.open_private(flags_path, os.O_RDWR, size=SLOT_BYTES * (slot + 1))
     except (OSError, StoreError):
@@ -200,6 +202,7 @@ def _serve(conn: Connection, control: CallControl, max_tasks: int | None, health
         del reply
         if retire is not None:
             return  # the pool starts a new worker on demand
+        _mapcache.sweep()  # after the reply: drop mappings of deleted segments
 
 
 def _run(msg: RunCall, control: CallControl, objs: list[Any]) -> tuple[Any, ...]:
