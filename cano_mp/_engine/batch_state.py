@@ -46,7 +46,7 @@ from .._store.results import unpack as unpack_results
 from .._wire import AHEAD_MAX_BYTES, Call, ChunkOutcome, ItemFailed, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
-from .chunks import Chunk, ChunkSizer, Items
+from .chunks import Chunk, ChunkSizer, Items, split_at
 from .gates import rate_wait, record, refused_items
 from .plan import StateEntry, describe
 from .scope import RunScope
@@ -495,32 +495,14 @@ class BatchState:
 
     def charge(self, ch: Chunk, position: int | None, make: ErrorMaker) -> None:
         """A chunk stopped at ``position`` (timeout, crash): that item spends an attempt;
-        the others go again unchanged."""
-        n = len(ch.items)
-        block = block_of(position) if position is not None else None
-        if block is not None:  # one of a block of quick items: each goes alone, uncharged
-            inside = range(block[0], min(n, block[0] + block[1]))
-            rest = [k for k in range(n) if k not in inside]
-            if rest:
-                self.b.requeued.append(
-                    Chunk([ch.indices[k] for k in rest], [ch.items[k] for k in rest], ch.attempt)
-                )
-            ch = Chunk([ch.indices[k] for k in inside], [ch.items[k] for k in inside], ch.attempt)
-            n = len(inside)
-            position = 0 if n == 1 else None
-        if position is None or not 0 <= position < n:
-            if n != 1:  # cannot tell which item: send each alone, nobody charged
-                for k in range(n):
-                    self.b.requeued.append(Chunk([ch.indices[k]], [ch.items[k]], ch.attempt))
-                return
-            position = 0
-        rest = [k for k in range(n) if k != position]
-        if rest:
-            self.b.requeued.append(
-                Chunk([ch.indices[k] for k in rest], [ch.items[k] for k in rest], ch.attempt)
-            )
-        index = ch.indices[position]
-        self.item_failed(index, ch.items[position], ch.attempt, make(index, ch.attempt), None)
+        the others go again unchanged (see :func:`.chunks.split_at`)."""
+        again, culprit = split_at(
+            ch, block_of(position) if position is not None else None, position
+        )
+        self.b.requeued.extend(again)
+        if culprit is not None:
+            index = ch.indices[culprit]
+            self.item_failed(index, ch.items[culprit], ch.attempt, make(index, ch.attempt), None)
 
     def item_failed(
         self, index: int, item: Any, attempt: int, exc: BaseException, tb: str | None

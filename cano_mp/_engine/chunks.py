@@ -114,3 +114,30 @@ class Items:
     @property
     def finished(self) -> bool:
         return self.exhausted and not self.running and not self.requeued and not self.retries
+
+
+def _part(ch: Chunk, ks: Sequence[int]) -> Chunk:
+    return Chunk([ch.indices[k] for k in ks], [ch.items[k] for k in ks], ch.attempt)
+
+
+def split_at(
+    ch: Chunk, block: tuple[int, int] | None, position: int | None
+) -> tuple[list[Chunk], int | None]:
+    """A chunk stopped (timeout, crash) at ``position``, inside ``block`` (``(start,
+    length)`` of quick items run together) if any: the chunks to send again, uncharged, and
+    the position in ``ch`` of the one item that spends an attempt (None: cannot tell which,
+    so each suspect goes alone and nobody is charged)."""
+    n = len(ch.items)
+    again: list[Chunk] = []
+    suspects = list(range(n))
+    if block is not None:  # one of a block of quick items: each goes alone, uncharged
+        suspects = list(range(block[0], min(n, block[0] + block[1])))
+        position = suspects[0] if len(suspects) == 1 else None
+    if position is None or position not in suspects:
+        if len(suspects) != 1:
+            rest = [k for k in range(n) if k not in suspects]
+            again = ([_part(ch, rest)] if rest else []) + [_part(ch, [k]) for k in suspects]
+            return again, None
+        position = suspects[0]
+    rest = [k for k in range(n) if k != position]
+    return ([_part(ch, rest)] if rest else []), position
