@@ -7,7 +7,7 @@ import bisect
 import enum
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import TaskCancelled, TaskTimeout, WorkerCrashed
 from ._observe import Observer, RunInfo
@@ -49,6 +49,15 @@ class _Histogram:
 Key = tuple[tuple[str, str], ...]
 
 
+class _TaskCell(NamedTuple):
+    """A task's series: its labels, the attempts counter, its ``ok`` key, its histogram."""
+
+    labels: Key
+    attempts: dict[Key, float]
+    ok: Key
+    hist: _Histogram
+
+
 class MetricsObserver(Observer):
     """Counts what runs do; read with :meth:`as_dict`, export with :meth:`to_prometheus`.
 
@@ -68,31 +77,39 @@ class MetricsObserver(Observer):
         self._lock = threading.Lock()
         self._counters: dict[str, dict[Key, float]] = defaultdict(lambda: defaultdict(float))
         self._hists: dict[str, dict[Key, _Histogram]] = defaultdict(dict)
-        # label tuples, built once per (workflow, state[, task])
-        self._state_keys: dict[tuple[str, Any], Key] = {}
-        self._task_keys: dict[tuple[str, Any, str], Key] = {}
+        # What a hook touches, found once per (workflow, state[, task]) and kept until
+        # reset(): the hot hooks are a dict look-up and a few increments under the lock.
+        self._state_cells: dict[tuple[str, Any], tuple[dict[Key, float], Key]] = {}
+        self._task_cells: dict[tuple[str, Any, str], _TaskCell] = {}
 
-    def _state_key(self, workflow: str, state: Any) -> Key:
+    def _state_cell(self, workflow: str, state: Any) -> tuple[dict[Key, float], Key]:
+        # called with the lock held
+        key = (("workflow", workflow), ("state", _label(state)))
+        cell = (self._counters["cano_mp_states_total"], key)
         try:
-            return self._state_keys[(workflow, state)]
-        except (KeyError, TypeError):
-            key = (("workflow", workflow), ("state", _label(state)))
-            try:
-                self._state_keys[(workflow, state)] = key
-            except TypeError:
-                pass
-            return key
+            self._state_cells[(workflow, state)] = cell
+        except TypeError:  # an unhashable state: found afresh each time
+            pass
+        return cell
 
-    def _task_key(self, workflow: str, state: Any, task: str) -> Key:
+    def _task_cell(self, workflow: str, state: Any, task: str) -> _TaskCell:
+        # called with the lock held
+        labels = (("workflow", workflow), ("state", _label(state)), ("task", task))
+        hists = self._hists["cano_mp_task_duration_seconds"]
+        hist = hists.get(labels)
+        if hist is None:
+            hist = hists[labels] = _Histogram(self.buckets)
+        cell = _TaskCell(
+            labels,
+            self._counters["cano_mp_task_attempts_total"],
+            (*labels, ("outcome", "ok")),
+            hist,
+        )
         try:
-            return self._task_keys[(workflow, state, task)]
-        except (KeyError, TypeError):
-            key = (("workflow", workflow), ("state", _label(state)), ("task", task))
-            try:
-                self._task_keys[(workflow, state, task)] = key
-            except TypeError:
-                pass
-            return key
+            self._task_cells[(workflow, state, task)] = cell
+        except TypeError:
+            pass
+        return cell
 
     def _inc(self, name: str, labels: Key, value: float = 1.0) -> None:
         with self._lock:
@@ -107,9 +124,14 @@ class MetricsObserver(Observer):
 
     # -- hooks -----------------------------------------------------------------------------
     def on_state_enter(self, run: RunInfo, state: Any) -> None:
-        key = self._state_key(run.workflow, state)
         with self._lock:
-            self._counters["cano_mp_states_total"][key] += 1
+            try:
+                cell = self._state_cells.get((run.workflow, state))
+            except TypeError:
+                cell = None
+            if cell is None:
+                cell = self._state_cell(run.workflow, state)
+            cell[0][cell[1]] += 1
 
     def on_task_end(
         self,
@@ -121,10 +143,25 @@ class MetricsObserver(Observer):
         error: BaseException | None,
         duration: float,
     ) -> None:
-        labels = self._task_key(run.workflow, state, task_name)
-        if error is None:
-            outcome = "ok"
-        elif isinstance(error, TaskCancelled):
+        with self._lock:
+            try:
+                cell = self._task_cells.get((run.workflow, state, task_name))
+            except TypeError:
+                cell = None
+            if cell is None:
+                cell = self._task_cell(run.workflow, state, task_name)
+            h = cell.hist  # _Histogram.observe, inlined: this runs once per attempt
+            h.counts[bisect.bisect_left(h.buckets, duration)] += 1
+            h.count += 1
+            h.sum += duration
+            if error is None:
+                cell.attempts[cell.ok] += 1
+                return
+            self._task_failed(cell.labels, error)
+
+    def _task_failed(self, labels: Key, error: BaseException) -> None:
+        # called with the lock held
+        if isinstance(error, TaskCancelled):
             outcome = "cancelled"
         elif isinstance(error, WorkerCrashed):
             outcome = "crash"
@@ -133,19 +170,13 @@ class MetricsObserver(Observer):
         else:
             outcome = "error"
         counters = self._counters
-        with self._lock:
-            if outcome == "cancelled":
-                counters["cano_mp_cancellations_total"][labels] += 1
-            elif outcome != "ok":
-                counters["cano_mp_task_failures_total"][labels] += 1
-                if outcome == "crash":
-                    counters["cano_mp_crashes_total"][labels] += 1
-            counters["cano_mp_task_attempts_total"][(*labels, ("outcome", outcome))] += 1
-            hists = self._hists["cano_mp_task_duration_seconds"]
-            h = hists.get(labels)
-            if h is None:
-                h = hists[labels] = _Histogram(self.buckets)
-            h.observe(duration)
+        if outcome == "cancelled":
+            counters["cano_mp_cancellations_total"][labels] += 1
+        else:
+            counters["cano_mp_task_failures_total"][labels] += 1
+            if outcome == "crash":
+                counters["cano_mp_crashes_total"][labels] += 1
+        counters["cano_mp_task_attempts_total"][(*labels, ("outcome", outcome))] += 1
 
     def on_retry(
         self,
@@ -195,6 +226,8 @@ class MetricsObserver(Observer):
         with self._lock:
             self._counters.clear()
             self._hists.clear()
+            self._state_cells.clear()
+            self._task_cells.clear()
 
     def to_prometheus(self) -> str:
         """The metrics in the Prometheus text exposition format (version 0.0.4)."""

@@ -7,7 +7,7 @@
 
 Groups and cases:
 
-    core    chain     per-state cost of a 200-state workflow vs loky, multiprocessing.Pool
+    core    chain     per-state cost of a 200-state workflow vs loky, Pool, a raw pipe
             inline    transitions/s with executor="inline" vs python-statemachine, transitions
             bigdata   a 200 MB array through the store vs pickling, joblib, hand-written shm
             startup   `import cano_mp` and `cano-mp run` vs `python -c pass`, a first loky call;
@@ -105,6 +105,42 @@ def chain_step(store: Any) -> int:
 def trivial(i: int) -> int:
     """The peers' trivial call."""
     return i + 1
+
+
+def echo(conn: Any) -> None:
+    """The pipe floor's worker: send back what comes, until None."""
+    while (x := conn.recv()) is not None:
+        conn.send(x)
+
+
+@contextmanager
+def pipe_worker() -> Iterator[Any]:
+    """A worker process at the end of a duplex pipe, echoing (the floor of any pool)."""
+    ctx = multiprocessing.get_context(MP_CONTEXT)
+    here, there = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=echo, args=(there,), daemon=True)
+    proc.start()
+    there.close()
+    try:
+        yield here
+    finally:
+        here.send(None)
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+        here.close()
+
+
+def ping_pong(conn: Any, n: int) -> Callable[[], None]:
+    """``n`` round trips of a small message over ``conn``."""
+
+    def run() -> None:
+        send, recv = conn.send, conn.recv
+        for i in range(n):
+            send(("call", i))
+            recv()
+
+    return run
 
 
 def leaf(store: Any) -> str:
@@ -321,7 +357,7 @@ def case_chain(o: Opts) -> None:
         flow.register(s, chain_step)
     flow.add_exit_state(CHAIN)
     ex = loky_executor(n)
-    with SharedStore() as store, mp_pool(n) as pool:
+    with SharedStore() as store, mp_pool(n) as pool, pipe_worker() as conn:
 
         def run_cano() -> None:
             assert flow.orchestrate(store=store) == CHAIN
@@ -345,16 +381,20 @@ def case_chain(o: Opts) -> None:
                 "cano": run_cano,
                 "loky": round_trips(loky_submit, fut_get, CHAIN),
                 "mp": round_trips(pool_submit, res_get, CHAIN),
+                "pipe": ping_pong(conn, CHAIN),
             },
             o.reps(7),
             warmup=3,
         )
     cano, lk, mp = t["cano"] / CHAIN, t["loky"] / CHAIN, t["mp"] / CHAIN
+    pipe = t["pipe"] / CHAIN
     row("cano_mp orchestrate(), per transition", fmt_time(cano))
     row("loky submit(f).result(), per call", fmt_time(lk))
     row(f"multiprocessing.Pool ({MP_CONTEXT}) apply_async().get()", fmt_time(mp))
+    row("pipe ping-pong with a worker process (the floor)", fmt_time(pipe))
     ratio("cano / loky", cano / lk, "≤ 1.20x", cano / lk <= 1.2)
     ratio("cano / multiprocessing.Pool", cano / mp)
+    ratio("cano / pipe floor", cano / pipe, "≤ 2.50x", cano / pipe <= 2.5)
 
 
 # ----------------------------------------------------------------------------------------

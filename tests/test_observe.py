@@ -313,3 +313,92 @@ def test_log_records_of_batch_items_name_the_item(
     [record] = [r for r in caplog.records if r.name == "user.batch"]
     assert "[Noisy of A, item 5, attempt 1, worker " in record.getMessage()
     assert record.item == 5 and record.task == "Noisy"  # type: ignore[attr-defined]
+
+
+def test_hooks_nobody_implements_are_skipped_and_a_later_observer_gets_every_event(
+    store: SharedStore,
+) -> None:
+    from cano_mp._observe import Observers
+
+    metrics = MetricsObserver()
+    obs = Observers([metrics])
+    # the engine's hot paths test these tuples instead of dispatching
+    assert obs.on_state_enter and obs.on_task_end and obs.on_workflow_end
+    assert not obs.on_task_start and not obs.on_task_timing and not Observers([]).on_state_enter
+
+    class ByInstance(Observer):
+        pass
+
+    by_instance = ByInstance()
+    seen: list[Any] = []
+    by_instance.on_task_start = lambda run, state, name, attempt: seen.append(name)  # type: ignore[method-assign]
+    assert Observers([by_instance]).on_task_start  # a hook set on the instance counts too
+
+    flow = Workflow(executor="inline", name="late").register(S.A, quick).add_exit_state(S.DONE)
+    flow.orchestrate(S.A, store=store)  # no observer at all: the fast path
+    spy = Spy()
+    flow._observe(spy)
+    flow._observe(by_instance)
+    flow.orchestrate(S.A, store=store)
+    assert spy.calls == [
+        ("start",),
+        ("enter", S.A),
+        ("task_start", "quick", 1),
+        ("timing", "quick", 1, os.getpid(), True),
+        ("task_end", "quick", 1, None),
+        ("enter", S.DONE),
+        ("end", S.DONE, None),
+    ]
+    assert seen == ["quick"]
+
+
+def test_metrics_count_again_after_reset_and_keep_states_apart(store: SharedStore) -> None:
+    metrics = MetricsObserver()
+    flow = Workflow(executor="inline", observers=[metrics], name="m")
+    flow.register(S.A, lambda s: S.B).register(S.B, quick).add_exit_state(S.DONE)
+    flow.orchestrate(S.A, store=store)
+    flow.orchestrate(S.A, store=store)
+    assert metrics.value("cano_mp_states_total", state="A") == 2
+    assert metrics.value("cano_mp_states_total", state="DONE") == 2
+    assert metrics.value("cano_mp_task_attempts_total", state="B", outcome="ok") == 2
+    [hist] = [h for h in metrics.as_dict()["cano_mp_task_duration_seconds"]
+              if h["labels"]["state"] == "A"]  # fmt: skip
+    assert hist["count"] == 2
+    metrics.reset()  # the cached series go with the counts
+    flow.orchestrate(S.A, store=store)
+    assert metrics.value("cano_mp_states_total", state="A") == 1
+    assert metrics.value("cano_mp_task_attempts_total", outcome="ok") == 2
+    [hist] = [h for h in metrics.as_dict()["cano_mp_task_duration_seconds"]
+              if h["labels"]["state"] == "A"]  # fmt: skip
+    assert hist["count"] == 1
+
+
+def test_the_transition_record_is_one_lazy_record_with_its_fields(
+    store: SharedStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    flow = Workflow(executor="inline", name="tagged").register(S.A, lambda s: S.B)
+    flow.register(S.B, quick).add_exit_state(S.DONE)
+    caplog.set_level(logging.INFO, logger="cano_mp.engine")
+    logging.setLogRecordFactory(counting)  # a factory in force is used
+    try:
+        flow.orchestrate(S.A, store=store)
+    finally:
+        logging.setLogRecordFactory(factory)
+    lines = [r for r in caplog.records if "->" in r.getMessage()]
+    assert [r.getMessage().split(": ", 1)[1] for r in lines] == ["A -> B", "B -> DONE"]
+    assert all(r in made for r in lines)  # one record each, from the factory
+    first = lines[0]
+    assert (first.workflow, first.state, first.task, first.attempt) == ("tagged", S.A, None, None)  # type: ignore[attr-defined]
+    assert first.run_id == flow.last_run_id  # type: ignore[attr-defined]
+    assert first.levelno == logging.INFO and first.name == "cano_mp.engine"
+    # where the record was made: the engine's run loop, as findCaller would say
+    assert first.pathname.endswith(os.path.join("_engine", "run.py")) and first.lineno > 0
+    assert first.funcName == "run"

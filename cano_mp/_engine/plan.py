@@ -167,7 +167,24 @@ def describe(state: Any) -> str:
     """A state as messages show it: an Enum member's name, else a capped ``repr``."""
     if isinstance(state, enum.Enum):
         return state.name
+    if type(state) is int and -(10**12) < state < 10**12:
+        return repr(state)  # the common case, without reprlib's dispatch
     return short_repr(state)
+
+
+class Described:
+    """``describe(value)``, computed when a handler formats the record (``%s``), not when
+    the record is made: lazy formatting for records that no handler prints."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return describe(self.value)
+
+    __repr__ = __str__
 
 
 def is_hashable(value: object) -> bool:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 from .. import _signals
 from .._errors import RolledBack
 from .._executors import Executor
-from .._log import get_logger
-from .._observe import Observers, RunInfo
+from .._log import emit, get_logger
+from .._observe import Observers, RunInfo, raised
 from .._store import SharedStore, Snapshot, serialise_snapshot
 from .._wire import Blob
-from .plan import Frozen, Quota, StateEntry, describe
+from .plan import Described, Frozen, Quota, StateEntry, describe
 from .recovery import compensable, compensate, rollback, run_stepped
 from .scope import CANCEL_GRACE, RunScope
 from .task_state import TaskState
@@ -97,7 +97,7 @@ class Run:
         started = time.monotonic()
         if scope.timeout is not None:
             scope.deadline = started + scope.timeout
-        if obs:
+        if obs.on_workflow_start:
             obs.emit("on_workflow_start", scope.info)
         self.state = state
         error: BaseException | None = None
@@ -114,8 +114,11 @@ class Run:
                 if ckpt.resume_rollback is not None:
                     raise self.finish_rollback(*ckpt.resume_rollback)
             while True:
-                if obs:
-                    obs.emit("on_state_enter", scope.info, state)
+                for fn in obs.on_state_enter:  # Observers.emit, inlined: once per state
+                    try:
+                        fn(scope.info, state)
+                    except Exception:
+                        raised(fn, "on_state_enter")
                 if state in scope.plan.exits:
                     return state
                 if ckpt is not None:
@@ -123,11 +126,11 @@ class Run:
                 nxt = self.run_state(scope.plan.entries[state])
                 if track:
                     self.state_done(state)
-                if log.isEnabledFor(logging.INFO):
-                    log.info(
-                        "%s run %s: %s -> %s",
-                        scope.plan.name, scope.run_id, describe(state), describe(nxt),
-                        extra=scope.log_extra(state),
+                if log.isEnabledFor(logging.INFO):  # one record per transition, lazy
+                    emit(
+                        log, logging.INFO, "%s run %s: %s -> %s",
+                        (scope.plan.name, scope.run_id, Described(state), Described(nxt)),
+                        (scope.run_id, scope.plan.name, state, None, None),
                     )  # fmt: skip
                 state = self.state = nxt
         except BaseException as exc:
@@ -178,7 +181,7 @@ class Run:
 
     def ended(self, state: Any, error: BaseException | None, duration: float) -> None:
         scope = self.scope
-        if scope.observers:
+        if scope.observers.on_workflow_end:
             scope.observers.emit(
                 "on_workflow_end", scope.info,
                 final_state=state if error is None else None, error=error, duration=duration,

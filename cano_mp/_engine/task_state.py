@@ -28,6 +28,7 @@ from .._errors import TaskCancelled, TaskError
 from .._executors import Executor, InlineExecutor
 from .._join import JoinError, SplitResult, decide
 from .._log import get_logger
+from .._observe import raised
 from .._store import Snapshot
 from .._wire import Call, UnitOutcome, WorkerDied, decode_error
 from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
@@ -224,7 +225,7 @@ class TaskState:
 
     def _attempt_starts(self, b: Branch) -> None:
         scope = self.scope
-        if scope.observers:
+        if scope.observers.on_task_start:
             scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -264,7 +265,7 @@ class TaskState:
             self.quick += 1
         else:
             self.slow += 1
-        if self.scope.observers.wants("on_task_timing"):
+        if self.scope.observers.on_task_timing:
             self.scope.observers.emit(
                 "on_task_timing",
                 self.scope.info,
@@ -339,17 +340,15 @@ class TaskState:
             b.future.add_done_callback(lambda _f: store._discard(token))
 
     def task_end(self, b: Branch, error: BaseException | None) -> None:
-        scope = self.scope
-        if scope.observers:
-            scope.observers.emit(
-                "on_task_end",
-                scope.info,
-                self.state,
-                b.ref.name,
-                b.attempt,
-                error=error,
-                duration=time.monotonic() - b.started,
-            )
+        hooks = self.scope.observers.on_task_end
+        if not hooks:
+            return
+        info, duration = self.scope.info, time.monotonic() - b.started
+        for fn in hooks:  # Observers.emit, inlined: once per attempt
+            try:
+                fn(info, self.state, b.ref.name, b.attempt, error=error, duration=duration)
+            except Exception:
+                raised(fn, "on_task_end")
 
     # -- the state's outcome -----------------------------------------------------------------
     def finish(self, verdict: str, timed_out: bool) -> Any:
@@ -436,7 +435,7 @@ class TaskState:
         b.started = now
         b.deadline = self.attempt_deadline(b, now)
         b.token = scope.new_token()
-        if scope.observers:
+        if scope.observers.on_task_start:
             scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
         out = run_unit_call(
             scope.is_cancelled,
