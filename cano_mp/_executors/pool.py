@@ -17,9 +17,8 @@ worker that dies fails only its own call (``WorkerDied``), and cancelling a call
 cooperative flag in the flags file, then, after the grace period, a kill of that worker's
 process group) touches nothing else.
 
-Pre-feed (``Call.ahead``: BatchTask chunks) keeps a next call waiting in a busy worker's
-pipe: see :mod:`.slots`. A slot's blob caches are mirrored here key for key, so a call
-carries a blob's bytes only the first time its worker needs it.
+Pre-feed (``Call.ahead``) keeps a next call waiting in a busy worker's pipe (:mod:`.slots`).
+Blob caches are mirrored per slot: a call carries a blob's bytes once per worker.
 
 Spawning happens on the manager thread only: workers ask the kernel to kill them when the
 thread that started them exits (PR_SET_PDEATHSIG), so that thread must live as long as the
@@ -28,12 +27,11 @@ pool does.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import pickle
-import secrets
-import shutil
 import signal
 import threading
 import time
@@ -59,7 +57,7 @@ from .._wire import (
     from_wire,
 )
 from .._worker.flags import (
-    SLOT_BYTES,
+    FlagsFile,
     began,
     read_progress,
     request_cancel,
@@ -112,10 +110,8 @@ class Pool:
         self.prefed = self.withdrawn = self.requeued = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._flags_dirs = _shm.segment_dirs(f"pool{secrets.token_hex(4)}")
-        self._flags_path, self._flags = _shm.create_writable(
-            self._flags_dirs, "flags", SLOT_BYTES * max_workers
-        )
+        self._flags_file = FlagsFile(max_workers)
+        self._flags, self._flags_path = self._flags_file.buf, self._flags_file.path
         self._owner = _shm.owner_name()
         self._thread = threading.Thread(target=self._loop, name="cano_mp-pool", daemon=True)
         self._thread.start()
@@ -222,13 +218,7 @@ class Pool:
             if not job.future.done():
                 job.future.set_exception(CanoError("the executor was closed"))
         self._thread.join(timeout=10)
-        try:
-            self._flags.close()
-        except BufferError:
-            pass
-        for d in self._flags_dirs:
-            if d is not None:
-                shutil.rmtree(d, ignore_errors=True)
+        self._flags_file.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._ctx is not None:
@@ -508,17 +498,13 @@ class Pool:
         kill_group(slot.pid)
         slot.process.join(timeout=5.0)
         exitcode = slot.process.exitcode
-        try:
+        with contextlib.suppress(OSError):
             slot.conn.close()
-        except OSError:
-            pass
         with self._lock:
             if self._slots[slot.index] is slot:
                 self._slots[slot.index] = None
-            try:
+            with contextlib.suppress(ValueError):
                 self._idle.remove(slot)
-            except ValueError:
-                pass
             self._ready.notify_all()
             job = slot.job
             if job is not None and job.prefed and not began(self._flags, slot.index, job.seq):

@@ -21,7 +21,11 @@ out one item of a chunk and to tell which item a dead worker was running;
 from __future__ import annotations
 
 import mmap
+import secrets
+import shutil
 import struct
+
+from .._store import shm as _shm
 
 __all__ = [
     "CANCEL",
@@ -32,6 +36,7 @@ __all__ = [
     "began",
     "STARTED",
     "CallControl",
+    "FlagsFile",
     "read_progress",
     "request_cancel",
     "request_skip",
@@ -122,3 +127,21 @@ class CallControl:
         # start first: a reader that sees the new position also sees its start
         self._view[self._base + 3] = started_ns
         self._view[self._base + 2] = position
+
+
+class FlagsFile:
+    """A pool's flags file for ``slots`` slots, in a private directory of its own;
+    ``close()`` unmaps it and removes the directory."""
+
+    def __init__(self, slots: int) -> None:
+        self._dirs = _shm.segment_dirs(f"pool{secrets.token_hex(4)}")
+        self.path, self.buf = _shm.create_writable(self._dirs, "flags", SLOT_BYTES * slots)
+
+    def close(self) -> None:
+        try:
+            self.buf.close()
+        except BufferError:  # a view of it still alive: the kernel unmaps it at exit
+            pass
+        for d in self._dirs:
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
