@@ -137,8 +137,13 @@ class Shipper:
     def _evict(self) -> None:
         while len(self._snapshots) > SNAPSHOT_CACHE:
             self._snapshots.popitem(last=False)
-        for gone in [u for u, s in self._snapshots.items() if not os.path.isdir(s.dirs[1])]:
-            del self._snapshots[gone]  # a closed store: its values are not needed again
+        # A closed store's values are not needed again (its first directory is gone; the
+        # second, on disk, exists only once a segment fell back to it).
+        closed = [
+            u for u, s in self._snapshots.items() if not os.path.isdir(s.dirs[0] or s.dirs[1])
+        ]
+        for gone in closed:
+            del self._snapshots[gone]
         # Segments no cached snapshot names any more: drop them (Dask frees the data once no
         # call that still runs needs it).
         used = {name for s in self._snapshots.values() for name in s.names}

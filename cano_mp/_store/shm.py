@@ -196,16 +196,27 @@ def _install_sigterm_cleanup() -> None:
 
 
 def segment_dirs(name: str) -> tuple[str | None, str]:
-    """``(tmpfs dir or None, temp dir)`` named ``name`` inside this process's directories,
-    made now (0700). The one rule for "tmpfs if usable, else the temp dir"."""
+    """``(tmpfs dir or None, temp dir)`` named ``name`` inside this process's directories
+    (0700). The one rule for "tmpfs if usable, else the temp dir". The first is made now;
+    with tmpfs usable, the temp dir is made only when a segment falls back to it (a
+    directory on disk costs a journaled ``mkdir``, most of a small store's creation)."""
     roots = _roots()
     shm = os.path.join(process_dir(SHM_ROOT), name) if SHM_ROOT in roots else None
     disk = os.path.join(process_dir(tempfile.gettempdir()), name)
-    for d in (shm, disk):
-        if d is not None:
-            os.mkdir(d, 0o700)
-            check_private_dir(d)
+    first = shm if shm is not None else disk
+    os.mkdir(first, 0o700)
+    check_private_dir(first)
     return (shm, disk)
+
+
+def _fallback_dir(disk: str) -> None:
+    """Make the temp dir of a store whose tmpfs dir lacks room (once, by whichever process
+    of the owner's comes first; its parent is the owner's private directory)."""
+    try:
+        os.mkdir(disk, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(disk)
 
 
 def process_dirs() -> list[str]:
@@ -329,6 +340,8 @@ def _place(dirs: tuple[str | None, str], name: str, nbytes: int, make: Callable[
             os.path.dirname(os.path.dirname(disk)),
         )
     try:
+        if shm is not None:
+            _fallback_dir(disk)
         return make(os.path.join(disk, name))
     except OSError as exc:
         if exc.errno == errno.ENOENT:
