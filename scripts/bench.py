@@ -1170,10 +1170,11 @@ def case_observe(o: Opts) -> None:
         results[label] = {k: v / states for k, v in t.items()}
     for label, t in results.items():
         row(f"{label}: per transition, no observer", fmt_time(t["plain"]))
-        for k, what in (("metrics", "MetricsObserver"), ("logging", "INFO logging")):
+        # issue 15: ≤ 10 % for metrics, ≤ 25 % for one INFO line per transition
+        for k, what, goal in (("metrics", "MetricsObserver", 10), ("logging", "INFO logging", 25)):
             r = t[k] / t["plain"]
             row(f"{label}: per transition, {what}", fmt_time(t[k]),
-                f"{(r - 1) * 100:+.1f}% (goal ≤ +10%: {met(r <= 1.10)})")  # fmt: skip
+                f"{(r - 1) * 100:+.1f}% (goal ≤ +{goal}%: {met(r <= 1 + goal / 100)})")  # fmt: skip
 
 
 def _case_dask(o: Opts) -> None:
