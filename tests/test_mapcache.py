@@ -140,6 +140,41 @@ def test_a_deleted_segment_is_dropped_after_the_call(
     assert after["entries"] == 0 and after["bytes"] == 0
 
 
+def unlink_while_idle(store: SharedStore) -> str:
+    # Let the sweep that followed the previous call finish, then delete the segment (as a
+    # driver closing its store would) and wait: no call ends meanwhile, so only the idle
+    # worker's own sweep can drop the mapping.
+    cache = mapcache.current()
+    assert cache is not None and cache._jobs is not None
+    deadline = time.monotonic() + 30
+    while (cache._sweep_pending or not cache._jobs.empty()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the job taken off the queue has run
+    os.unlink(store["path"])
+    while time.monotonic() < deadline:
+        stats = mapcache.stats()
+        assert stats is not None
+        if stats["entries"] == 0:
+            break
+        time.sleep(0.05)
+    store["stats"] = mapcache.stats()
+    return "done"
+
+
+def test_an_idle_worker_drops_a_deleted_segment_without_another_call(
+    one_worker: ProcessExecutor, store: SharedStore
+) -> None:
+    # A store closed after a run must not keep its segments' memory in an idle worker until
+    # that worker's next call: the worker sweeps on its own while it holds mappings.
+    store["a"] = np.arange(500_000, dtype=np.float64)
+    first = read(flow_of(one_worker), store, "a")
+    assert first["entries"] == 1
+    store["path"] = store._entries["a"][0][1][0][0]  # type: ignore[attr-defined]
+    flow_of(one_worker, unlink_while_idle).orchestrate(store=store)
+    after: dict[str, int] = store["stats"]
+    assert after["entries"] == 0 and after["bytes"] == 0
+
+
 def test_a_symlink_in_place_of_a_segment_fails_cached_or_not(
     tmp_path: Path, one_worker: ProcessExecutor, store: SharedStore
 ) -> None:

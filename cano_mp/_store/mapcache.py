@@ -12,7 +12,8 @@ cache holds a mapping the kernel keeps that inode alive, so a new file under a r
 cannot carry the same inode number: it is a miss, never stale data.
 
 Memory: a cached mapping of a segment the driver has since deleted keeps that segment's pages
-until the mapping goes. After each call the worker drops mappings whose file is gone or
+until the mapping goes. After each call, and every ``IDLE_SWEEP_SECONDS`` while it holds
+mappings and has nothing else to do, the worker drops mappings whose file is gone or
 replaced (``sweep``, on a background thread: unmapping 200 MB takes tens of ms), and the
 budget (bytes, and at most ``MAX_ENTRIES`` mappings: each holds a file descriptor) bounds
 what is held at any time.
@@ -48,6 +49,7 @@ __all__ = ["MapCache", "current", "enable", "from_env", "prefault", "stats", "sw
 
 DEFAULT_BUDGET_MB = 1024
 MAX_ENTRIES = 128
+IDLE_SWEEP_SECONDS = 2.0  # an idle worker holding mappings looks for deleted segments
 POPULATE_MIN = 4 * 1024 * 1024
 PREFAULT_CHUNK = 2 * 1024 * 1024
 _MADV_POPULATE_READ = 22
@@ -159,7 +161,12 @@ class MapCache:
     def _run(self) -> None:
         assert self._jobs is not None
         while True:
-            job = self._jobs.get()
+            try:
+                # While it holds mappings, an idle worker still sweeps now and then: a store
+                # closed after the last call must not keep its segments' memory until the next.
+                job = self._jobs.get(timeout=IDLE_SWEEP_SECONDS if self._entries else None)
+            except queue.Empty:
+                job = self.sweep_now
             try:
                 job()
             except Exception:  # pragma: no cover - pre-faulting and freeing are best-effort
