@@ -35,15 +35,19 @@ def read_sum(store: SharedStore) -> str:
     return "done"
 
 
-def wait_for_sweep(store: SharedStore) -> str:
-    # The sweep runs on a background thread after each call: wait for it (generously).
-    deadline = time.monotonic() + 30
+def _wait_entries(at_most: int, deadline: float) -> None:
+    """Wait (generously) until this worker's cache holds at most ``at_most`` mappings."""
     while time.monotonic() < deadline:
         stats = mapcache.stats()
         assert stats is not None
-        if stats["entries"] <= store["want_entries"]:
-            break
+        if stats["entries"] <= at_most:
+            return
         time.sleep(0.05)
+
+
+def wait_for_sweep(store: SharedStore) -> str:
+    # The sweep runs on a background thread after each call: wait for it.
+    _wait_entries(store["want_entries"], time.monotonic() + 30)
     store["stats"] = mapcache.stats()
     return "done"
 
@@ -151,12 +155,7 @@ def unlink_while_idle(store: SharedStore) -> str:
         time.sleep(0.01)
     time.sleep(0.1)  # the job taken off the queue has run
     os.unlink(store["path"])
-    while time.monotonic() < deadline:
-        stats = mapcache.stats()
-        assert stats is not None
-        if stats["entries"] == 0:
-            break
-        time.sleep(0.05)
+    _wait_entries(0, deadline)
     store["stats"] = mapcache.stats()
     return "done"
 
