@@ -174,7 +174,9 @@ class Call(NamedTuple):
     ``time.monotonic()`` instant on the running process's clock, or None. ``ahead``: the
     call is short and small (its arguments under :data:`AHEAD_MAX_BYTES`), so an executor
     may queue it in a busy worker's pipe behind another such call (pre-feed), as
-    ``multiprocessing.Pool`` does; BatchTask chunks are.
+    ``multiprocessing.Pool`` does; BatchTask chunks are. ``direct``: the caller will wait
+    for this call alone, in its own thread (``ExecutorBase.wait_direct``), so an executor
+    may let that thread read the worker's reply itself (a plain task's call is).
     """
 
     fn: Callable[..., Any]
@@ -182,6 +184,7 @@ class Call(NamedTuple):
     args: tuple[Any, ...]
     deadline: float | None = None
     ahead: bool = False
+    direct: bool = False
 
 
 # The largest arguments of a call that may be queued ahead (Call.ahead): a queued message

@@ -161,7 +161,7 @@ def test_progress_is_not_read_unless_declared() -> None:
 
 def test_the_builtin_executors_declare_what_they_can_do(pool: ProcessExecutor) -> None:
     assert capabilities(InlineExecutor()) == Capabilities(remote=False)
-    assert capabilities(pool) == Capabilities(reports_progress=True)
+    assert capabilities(pool) == Capabilities(reports_progress=True, direct=True)
     assert progress_reader(pool) is not None
     assert isinstance(pool, Executor) and isinstance(InlineExecutor(), Executor)
 

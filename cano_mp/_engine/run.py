@@ -146,6 +146,7 @@ class Run:
                 if holds_store:
                     scope.store._run_lock.release()
                 _signals.unregister_run(self)
+                scope.close()
                 self.ended(state, error, time.monotonic() - started)
 
     def state_done(self, state: Any) -> None:

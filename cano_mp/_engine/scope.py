@@ -4,13 +4,14 @@ deadline, cancellation and the one event its driver thread sleeps on."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
 from typing import Any
 
 from .._errors import CanoError, Terminated, TransitionError, WorkflowTimeout
-from .._executors import Executor, capabilities, progress_reader
+from .._executors import Executor, capabilities, direct_waiter, progress_reader
 from .._observe import Observers, RunInfo
 from .._store import SharedStore, driver_store
 from .plan import Frozen, Quota, UnitRef, describe
@@ -27,6 +28,31 @@ _tokens = itertools.count(1)
 
 class RunCancelled(CanoError):
     """The run was cancelled from outside (ConcurrentWorkflow, asyncio cancellation)."""
+
+
+class WakePipe:
+    """A pipe that turns readable when the run is woken from outside (a cancel): what a
+    thread blocked on a worker's pipe (a direct call) waits on besides. Its fds close with
+    the object, never under a thread still holding it to write."""
+
+    __slots__ = ("_w", "fd")
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+
+    def poke(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except OSError:  # full: already woken
+            pass
+
+    def __del__(self) -> None:
+        for fd in (self.fd, self._w):
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover - closed at interpreter exit
+                pass
 
 
 class RunScope:
@@ -50,6 +76,8 @@ class RunScope:
         self.executor = executor
         self.caps = capabilities(executor)
         self.progress = progress_reader(executor)  # which item a chunk is on, if it can tell
+        self.wait_direct = direct_waiter(executor)  # a call waited for in this thread, if it can
+        self._wake_pipe: WakePipe | None = None  # made by wake_fd() when first needed
         self.observers = observers
         self.timeout = timeout
         self.quota = quota
@@ -75,6 +103,26 @@ class RunScope:
         self._grace_on_cancel = self.cancel_grace if grace is None else max(0.0, grace)
         self.cancelled = True
         self.wake.set()
+        pipe = self._wake_pipe
+        if pipe is not None:
+            pipe.poke()
+
+    def wake_fd(self) -> int | None:
+        """A file descriptor that turns readable when the run is cancelled (see
+        :class:`WakePipe`), or None when no fd is to be had (EMFILE: wait the usual way)."""
+        pipe = self._wake_pipe
+        if pipe is None:
+            try:
+                pipe = self._wake_pipe = WakePipe()
+            except OSError:
+                return None
+            if self.cancelled:  # a cancel that came before the pipe did
+                pipe.poke()
+        return pipe.fd
+
+    def close(self) -> None:
+        """Drop what the run held for waiting (its wake pipe closes once unused)."""
+        self._wake_pipe = None
 
     def terminate(self) -> None:
         """Stop the run at once because the process got SIGTERM: it raises ``Terminated``."""

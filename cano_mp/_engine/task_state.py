@@ -89,6 +89,8 @@ class TaskState:
         self.failed = 0
         self.rate_at: float | None = None  # when the first waiting branch may take a token
         self.quick = self.slow = 0  # finished branches under QUICK_BRANCH, and the others
+        # A plain task on an executor that can: its thread reads the worker's reply itself.
+        self.direct = entry.join is None and scope.wait_direct is not None
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Any:
@@ -114,13 +116,29 @@ class TaskState:
                     break
                 scope.check_stop(self.state, now)
                 self.start(limit, now)
-                if not self.done:
+                if not self.done and not self.wait_direct():
                     scope.wait_until(self.wake_times(join_deadline))
         except BaseException as exc:
             self.stop(scope.stop_grace(exc))
             raise
         self.stop(scope.cancel_grace)
         return self.finish(verdict, timed_out)
+
+    def wait_direct(self) -> bool:
+        """Wait for the one running call in this thread (see ``Call.direct``): until it
+        ends, its timeout or the run's, or a cancel. False: not such a state now."""
+        scope = self.scope
+        if not self.direct or len(self.running) != 1 or self.waiting or self.retrying:
+            return False
+        (b,) = self.running
+        if b.future is None or b.executor is not scope.executor or scope.wait_direct is None:
+            return False
+        until = [t for t in (b.deadline, scope.deadline) if t is not None]
+        fd = scope.wake_fd()
+        if fd is None or scope.cancelled:
+            return fd is not None  # the loop raises; or no fd to be had: wait on the event
+        timeout = max(0.0, min(until) - time.monotonic()) if until else None
+        return scope.wait_direct(b.future, timeout, fd)
 
     def wake_times(self, join_deadline: float | None) -> list[float]:
         wake_at = [join_deadline] if join_deadline is not None else []
@@ -193,6 +211,7 @@ class TaskState:
             (b.ref.index, b.attempt, scope.run_id, b.token, not inline and scope.remote),
             b.deadline,
             ahead=self.quick > 4 * self.slow,
+            direct=self.direct and not inline,
         )
         self._attempt_starts(b)
         self.running.add(b)

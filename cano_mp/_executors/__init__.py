@@ -18,8 +18,9 @@ Modules:
 
 - ``base`` — ``Executor`` (the protocol: ``max_workers``, ``submit``, ``cancel``,
   ``close``), ``ExecutorBase`` and ``Capabilities`` (what a backend may declare, with
-  defaults), ``capabilities()``, and ``Job`` / ``JobFuture`` (the record of one accepted
-  call, shared by the local pool and Dask).
+  defaults), ``capabilities()``, ``progress_reader()``, ``direct_waiter()``, and
+  ``Job`` / ``JobFuture`` (the record of one accepted call, shared by the local pool and
+  Dask).
 - ``inline`` — ``InlineExecutor``.
 - ``process`` — ``ProcessExecutor`` and the process-wide shared pools.
 - ``pool`` — ``Pool``: the manager thread that owns the worker processes.
@@ -38,6 +39,7 @@ from .base import (
     Job,
     JobFuture,
     capabilities,
+    direct_waiter,
     progress_reader,
 )
 from .inline import InlineExecutor
@@ -57,6 +59,7 @@ __all__ = [
     "WorkerDied",
     "capabilities",
     "default_workers",
+    "direct_waiter",
     "progress_reader",
     "shutdown_shared_pools",
 ]

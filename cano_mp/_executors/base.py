@@ -88,6 +88,9 @@ class Capabilities:
         reports_progress: ``ExecutorBase.progress`` says which item of a running chunk works
             and since when (per-item timeouts, crash blame); otherwise the engine times a
             chunk as a whole.
+        direct: ``ExecutorBase.wait_direct`` can wait for a call marked ``Call.direct`` in
+            the caller's thread, reading the worker's reply there: no hand-over from a
+            manager thread (a plain task's state waits for its one call this way).
     """
 
     remote: bool = True
@@ -95,6 +98,7 @@ class Capabilities:
     chunk_seconds: float = 0.1
     eager_chunks: bool = False
     reports_progress: bool = False
+    direct: bool = False
 
     def __post_init__(self) -> None:
         n = self.in_flight_per_worker
@@ -124,6 +128,14 @@ class ExecutorBase:
         not a chunk, or not known). Read only when ``capabilities.reports_progress``."""
         return None
 
+    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+        """Wait up to ``timeout`` seconds, in this thread, for the call behind ``future``
+        (submitted with ``Call.direct``), or until ``wake_fd`` turns readable; the future
+        may resolve in this thread. ``False``: not waited (not such a call now, or not
+        supported), so the caller waits its usual way. Called only when
+        ``capabilities.direct``."""
+        return False
+
     def close(self) -> None:
         """Release the executor's resources (nothing, unless a subclass holds some)."""
 
@@ -147,6 +159,16 @@ def progress_reader(
     """``executor.progress`` if the executor reports progress, else ``None``."""
     if isinstance(executor, ExecutorBase) and executor.capabilities.reports_progress:
         return executor.progress
+    return None
+
+
+def direct_waiter(
+    executor: object,
+) -> Callable[[Future[Any], float | None, int], bool] | None:
+    """``executor.wait_direct`` if the executor can wait for a call in the caller's thread,
+    else ``None``."""
+    if isinstance(executor, ExecutorBase) and executor.capabilities.direct:
+        return executor.wait_direct
     return None
 
 

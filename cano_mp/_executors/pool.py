@@ -18,7 +18,9 @@ cooperative flag in the flags file, then, after the grace period, a kill of that
 process group) touches nothing else.
 
 Pre-feed (``Call.ahead``) keeps a next call waiting in a busy worker's pipe (:mod:`.slots`).
-Blob caches are mirrored per slot: a call carries a blob's bytes once per worker.
+Blob caches are mirrored per slot: a call carries a blob's bytes once per worker. A
+direct call (``Call.direct``) given to an idle worker skips the manager: its caller's
+thread reads the reply (:mod:`.direct`).
 
 Spawning happens on the manager thread only: workers ask the kernel to kill them when the
 thread that started them exits (PR_SET_PDEATHSIG), so that thread must live as long as the
@@ -32,7 +34,6 @@ import itertools
 import math
 import os
 import pickle
-import signal
 import threading
 import time
 from collections import deque
@@ -52,8 +53,6 @@ from .._wire import (
     LogMessage,
     Raised,
     Returned,
-    Stop,
-    WorkerDied,
     from_wire,
 )
 from .._worker.flags import (
@@ -66,8 +65,9 @@ from .._worker.flags import (
 )
 from .._worker.logs import emit_remote
 from .base import Job, JobFuture
-from .slots import PoolJob, Slot, fill, flush, jobs_of, kill_group, message, room_ahead, take_back
-from .start import start_worker
+from .direct import readable, wait_reply, watch
+from .slots import PoolJob, Slot, fill, flush, jobs_of, message, room_ahead, stop_all, take_back
+from .start import Backoff, start_slot
 
 __all__ = ["Pool", "PoolJob"]
 
@@ -103,8 +103,7 @@ class Pool:
         self._pending: deque[PoolJob] = deque()
         self._closed = False
         self._broken: str | None = None  # the initializer failed: every call would fail
-        self._spawn_backoff = 0.0
-        self._spawn_after = 0.0
+        self._backoff = Backoff()  # after a worker failed to start
         self._want_extra = 0
         # Pre-feed counts: calls queued ahead, withdrawn (cancelled there), sent elsewhere.
         self.prefed = self.withdrawn = self.requeued = 0
@@ -143,6 +142,28 @@ class Pool:
             self._flush(slot)
         return job.future
 
+    def wait_direct(self, fut: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+        """Wait up to ``timeout`` s for a direct call in this thread (:mod:`.direct`):
+        ``fut`` may resolve here. False: not a direct call being run (the caller waits its
+        usual way)."""
+        job = Job.of(fut)
+        slot = job.slot if isinstance(job, PoolJob) else None
+        if slot is None or slot.job is not job or not slot.direct or slot.dead:
+            return False
+        try:
+            wait_reply(slot, fut, timeout, wake_fd, self)
+        finally:
+            if not fut.done():  # the manager waits for it from now on
+                with self._lock:
+                    lost = slot.job is not job  # its reply was read, cut off unresolved
+                    if not lost:
+                        slot.direct = False
+                self._wake()
+                if lost:
+                    with contextlib.suppress(Exception):
+                        fut.set_result(CANCELLED)
+        return True
+
     def cancel(self, fut: Future[Any], grace: float) -> None:
         job = Job.of(fut)
         if not isinstance(job, PoolJob) or fut.done():
@@ -158,6 +179,7 @@ class Pool:
             if job.cancelled:
                 return
             job.cancelled = True
+            job.slot.direct = False  # its killer is the manager: it must watch the pipe
             if job.slot.job is not job:  # queued in the pipe: the worker skips it
                 self.withdrawn += 1
                 job.grace = max(0.0, grace)
@@ -234,6 +256,9 @@ class Pool:
     def _claim(self, slot: Slot, job: PoolJob) -> None:
         slot.job = job
         job.slot = slot
+        slot.direct = job.call.direct
+        if not slot.direct and not slot.watched:
+            self._wake()  # the manager left this pipe out of its wait (a direct call's)
 
     def _fill(self, slot: Slot) -> bool:
         """Give ``slot`` pending calls (see :func:`.slots.fill`) or make it idle. Lock held;
@@ -245,6 +270,8 @@ class Pool:
             return False
         sent, queued = fill(slot, self._pending, None not in self._slots)
         self.prefed += queued
+        if not slot.watched:
+            self._wake()  # see _claim
         return sent
 
     def _flush(self, slot: Slot) -> None:
@@ -260,12 +287,7 @@ class Pool:
     def _spawn(self, index: int, announce: bool) -> Slot:
         reset_slot(self._flags, index)
         setup = (self._initializer, self._initargs, self._owner, self._max_tasks, announce)
-        proc, parent_conn = start_worker(self._ctx, index, self._flags_path, setup)
-        try:
-            _shm.record_process_group(proc.pid)  # the worker leads a group of its own
-        except OSError as exc:  # pragma: no cover - only crash cleanup depends on it
-            log.debug("could not record worker %s's process group: %s", proc.pid, exc)
-        return Slot(index, proc, parent_conn)
+        return start_slot(self._ctx, index, self._flags_path, setup)
 
     def _loop(self) -> None:
         try:
@@ -274,11 +296,8 @@ class Pool:
             log.exception("the cano_mp pool manager thread crashed")
             with self._lock:
                 self._broken = "the pool manager thread crashed (see the log)"
-                jobs = list(self._pending) + [j for s in self._slots if s for j in jobs_of(s)]
-                self._pending.clear()
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(CanoError(self._broken))
+                self._pending.extend(j for s in self._slots if s for j in jobs_of(s))
+            self._fail_pending(CanoError(self._broken))
 
     def _run_loop(self) -> None:
         while True:
@@ -294,13 +313,10 @@ class Pool:
             slot = None  # type: ignore[assignment]
             with self._lock:
                 live = [s for s in self._slots if s is not None]
+                waitables = watch(live, self._wake_r)
                 kill_times = [s.job.stop_at for s in live if s.job is not None and s.job.stop_at]
-                if self._pending and self._spawn_after and len(live) < self.max_workers:
-                    kill_times.append(self._spawn_after)  # try starting a worker again then
-            waitables: list[Any] = [self._wake_r]
-            for s in live:
-                waitables.append(s.conn)
-                waitables.append(s.process.sentinel)
+                if self._pending and self._backoff.until and len(live) < self.max_workers:
+                    kill_times.append(self._backoff.until)  # try starting a worker again then
             timeout = None
             if kill_times:
                 timeout = max(0.0, min(kill_times) - time.monotonic())
@@ -311,7 +327,7 @@ class Pool:
                 except BlockingIOError:
                     pass
             for s in live:
-                if s.conn in ready:
+                if s.conn in ready and not s.direct:
                     self._receive(s)
             for s in live:
                 if not s.dead and s.process.sentinel in ready:
@@ -331,7 +347,7 @@ class Pool:
         free = [i for i, s in enumerate(self._slots) if s is None]
         want = len(self._pending) + self._want_extra
         self._want_extra = 0
-        if free and time.monotonic() < self._spawn_after:
+        if free and time.monotonic() < self._backoff.until:
             return sends  # backing off after a failed start
         for index in free[:want]:
             try:  # a worker started ahead (warm) says when it is ready; others reply
@@ -339,7 +355,7 @@ class Pool:
             except Exception as exc:
                 self._spawn_failed(exc)
                 return sends
-            self._spawn_backoff = 0.0
+            self._backoff.delay = 0.0
             self._slots[index] = slot
             if self._fill(slot):
                 sends.append(slot)
@@ -349,11 +365,8 @@ class Pool:
         """A worker could not start (EMFILE, EAGAIN, ENOMEM...): a passing condition as a
         rule. Calls that no live worker can serve fail (their retry policy decides); the
         next start is tried after a backoff (0.1 s doubling to 5 s), never given up."""
-        self._spawn_backoff = min(5.0, max(0.1, self._spawn_backoff * 2))
-        self._spawn_after = time.monotonic() + self._spawn_backoff
-        log.warning(
-            "could not start a worker process: %s (trying again in %.1fs)", exc, self._spawn_backoff
-        )
+        delay = self._backoff.failed()
+        log.warning("could not start a worker process: %s (trying again in %.1fs)", exc, delay)
         if any(s is not None for s in self._slots):
             return  # live workers will serve what is pending
         error = CanoError(f"could not start a worker process: {type(exc).__name__}: {exc}")
@@ -363,14 +376,22 @@ class Pool:
         self._pending.clear()
 
     def _receive(self, slot: Slot) -> bool:
-        """Handle one message from ``slot``'s worker; False if its pipe is closed."""
-        try:
-            data = slot.conn.recv_bytes()
-        except (EOFError, OSError):
+        """Handle one message from ``slot``'s worker if one is there (the manager and a
+        direct call's thread may both have seen the pipe readable: only one reads it);
+        False if there was none or the pipe is closed."""
+        with slot.rlock:  # messages are read and handled one at a time, in order
+            try:
+                if not readable(slot.conn):
+                    return False
+                data = slot.conn.recv_bytes()
+            except (EOFError, OSError, ValueError):
+                gone = True
+            else:
+                gone = False
+                self._handle(slot, data)
+        if gone:
             self._reap(slot)
-            return False
-        self._handle(slot, data)
-        return True
+        return not gone
 
     def _handle(self, slot: Slot, data: bytes) -> None:
         try:
@@ -411,7 +432,7 @@ class Pool:
         self._fail_pending(error)
 
     def _replied(self, slot: Slot, msg: Any) -> None:
-        # msg: Returned or Raised
+        # msg: Returned or Raised; on the manager thread or a direct call's thread
         with self._lock:
             job = slot.job
             if job is None or job.seq != msg.seq:
@@ -474,31 +495,23 @@ class Pool:
                 job.future.set_exception(exc)
 
     def _kill(self, slot: Slot) -> None:
-        # The worker leads its own process group (see worker_main): one killpg stops it and
-        # every process its task started, without waiting for any of them.
-        kill_group(slot.pid)
-        try:
-            os.kill(slot.pid, signal.SIGKILL)  # not yet a group leader: it just started
-        except ProcessLookupError:
-            pass
+        slot.kill()
 
     def _reap(self, slot: Slot) -> None:
-        if slot.dead:
-            return
-        slot.dead = True
+        with self._lock:  # the manager thread or a direct call's thread: once
+            if slot.dead:
+                return
+            slot.dead = True
         # Replies it sent before it ended (the call it finished, its queued calls) are
         # still in the pipe: read them before judging which call it died in.
-        try:
-            while slot.conn.poll(0) and self._receive(slot):
-                pass
-        except (EOFError, OSError, ValueError):
+        while self._receive(slot):
             pass
         # Until it is joined the worker's pid (its group's id) cannot be reused: kill what
         # its task left running in the group (a subprocess), however the worker ended.
-        kill_group(slot.pid)
+        slot.kill_group()
         slot.process.join(timeout=5.0)
         exitcode = slot.process.exitcode
-        with contextlib.suppress(OSError):
+        with slot.rlock, contextlib.suppress(OSError):  # not under a reader's feet
             slot.conn.close()
         with self._lock:
             if self._slots[slot.index] is slot:
@@ -518,28 +531,13 @@ class Pool:
             if job.cancelled:
                 job.future.set_result(CANCELLED)
             else:
-                log.warning(
-                    "worker process %s died (exit code %s) while running a call",
-                    slot.pid,
-                    exitcode,
-                )
-                died = WorkerDied(exitcode, slot.pid)
                 where = read_progress(self._flags, slot.index, job.seq)
-                died.position = where[0] if where is not None else None
-                job.future.set_exception(died)
+                job.future.set_exception(slot.died(exitcode, where))
 
     def _shutdown_workers(self) -> None:
         live = [s for s in self._slots if s is not None]
+        stop_all(live, STOP_GRACE)
         for s in live:
-            try:
-                s.conn.send(tuple(Stop("stop")))
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + STOP_GRACE
-        for s in live:
-            s.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if s.process.exitcode is None:
-                self._kill(s)
             was_running = jobs_of(s)
             self._reap(s)
             for job in was_running:

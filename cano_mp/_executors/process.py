@@ -88,7 +88,7 @@ class ProcessExecutor(ExecutorBase):
     Workers start on demand; :meth:`warm` starts them ahead of time.
     """
 
-    capabilities = Capabilities(reports_progress=True)
+    capabilities = Capabilities(reports_progress=True, direct=True)
 
     def __init__(
         self,
@@ -179,6 +179,15 @@ class ProcessExecutor(ExecutorBase):
             pool = _shared.get(self._key)
         if pool is not None:
             pool.cancel(future, grace)
+
+    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+        """Wait for a direct call in this thread, its worker's reply read here (see
+        ``ExecutorBase.wait_direct``)."""
+        pool = self._own
+        if pool is None:
+            with _shared_lock:
+                pool = _shared.get(self._key)
+        return pool.wait_direct(future, timeout, wake_fd) if pool is not None else False
 
     def progress(self, future: Future[Any]) -> tuple[int, float] | None:
         """Where a running call is: ``(position, started)`` of the item a batch chunk works

@@ -9,7 +9,7 @@ sets the slot's SKIP flag and the worker answers it without running it (should i
 started already, it is cancelled as a running call once it is the slot's first). Messages
 reach a pipe in the order their calls were assigned: one thread sends a slot's outbox at a
 time (``Pool._flush``). The functions here are bookkeeping, called with the pool's lock
-held, except :func:`message` (the slot's sender) and :func:`kill_group`."""
+held, except :func:`message` (the slot's sender) and the kills."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .._wire import AHEAD_MAX_BYTES, CANCELLED, BlobCache, NewBlob
+from .._log import get_logger
+from .._wire import AHEAD_MAX_BYTES, CANCELLED, BlobCache, NewBlob, Stop, WorkerDied
 from .base import Job
 
 __all__ = [
@@ -33,11 +35,13 @@ __all__ = [
     "fill",
     "flush",
     "jobs_of",
-    "kill_group",
+    "stop_all",
     "message",
     "room_ahead",
     "take_back",
 ]
+
+log = get_logger("cano_mp.executor")
 
 # Calls (Call.ahead) that may wait in a worker's pipe behind the one it runs. One keeps a
 # worker busy while the driver answers; more would only unbalance the last chunks.
@@ -68,10 +72,41 @@ class Slot:
     dead: bool = False
     retiring: bool = False  # said it exits after its current call (see _worker.loop)
     ready: bool = False  # said it finished starting (imports, initializer): see warm()
+    # Direct calls (Pool.wait_direct): ``direct`` while the last call it was given is one
+    # (its caller's thread reads the pipe, so the manager leaves it out of its wait);
+    # ``watched``: the manager's current wait includes the pipe. Whoever reads the pipe
+    # holds ``rlock`` and reads only what is there: the two never steal or block.
+    direct: bool = False
+    watched: bool = True
+    rlock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def pid(self) -> int:
         return int(self.process.pid)
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker's process group: what its task started (a subprocess), and
+        the worker unless it has not yet made the group its own."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every process its task started (the worker leads its
+        own process group), without waiting for any of them."""
+        self.kill_group()
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # not yet a group leader: it just started
+        except ProcessLookupError:
+            pass
+
+    def died(self, exitcode: int | None, position: tuple[int, float] | None) -> WorkerDied:
+        """The error of the call the worker died in (``position``: the item it was on)."""
+        log.warning("worker process %s died (exit code %s) in a call", self.pid, exitcode)
+        error = WorkerDied(exitcode, self.pid)
+        error.position = position[0] if position is not None else None
+        return error
 
 
 def room_ahead(slots: list[Slot | None], job: PoolJob) -> Slot | None:
@@ -109,6 +144,7 @@ def fill(slot: Slot, pending: deque[PoolJob], ahead: bool) -> tuple[bool, int]:
     if slot.job is None:
         job = pending.popleft()
         slot.job, job.slot = job, slot
+        slot.direct = False  # a queued call's caller waits for its future: the manager reads
         slot.outbox.append(job)
         sent = True
     head = slot.job
@@ -172,11 +208,19 @@ def message(slot: Slot, job: PoolJob) -> tuple[Any, ...]:
     return ("call", job.seq, call.fn, new, keys, call.args, call.deadline, level)
 
 
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def stop_all(live: list[Slot], grace: float) -> None:
+    """Ask every worker of ``live`` to stop, and kill those still there after ``grace``
+    seconds (a call still running)."""
+    for s in live:
+        try:
+            s.conn.send(tuple(Stop("stop")))
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + grace
+    for s in live:
+        s.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if s.process.exitcode is None:
+            s.kill()
 
 
 def flush(slot: Slot, lock: threading.Lock, send: Callable[[Slot, PoolJob], None]) -> None:

@@ -9,14 +9,46 @@ a fork server (``ProcessExecutor(start_method="forkserver")``, ``cano-mp run
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from loky.backend.context import get_context
 
+from .._log import get_logger
+from .._store import shm as _shm
 from .._worker.loop import worker_main
+from .slots import Slot
 
-__all__ = ["start_worker"]
+__all__ = ["Backoff", "start_slot", "start_worker"]
+
+log = get_logger("cano_mp.executor")
+
+
+class Backoff:
+    """When to try starting a worker again after a start failed (EMFILE, EAGAIN...):
+    0.1 s after the first failure, doubling to 5 s, never given up."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0  # 0: the last start worked
+        self.until = 0.0  # time.monotonic() before which no start is tried
+
+    def failed(self) -> float:
+        """Note a failed start; returns the delay before the next try."""
+        self.delay = min(5.0, max(0.1, self.delay * 2))
+        self.until = time.monotonic() + self.delay
+        return self.delay
+
+
+def start_slot(ctx: Any, index: int, flags_path: str, setup: tuple[Any, ...]) -> Slot:
+    """Start worker ``index`` (see :func:`start_worker`) and record its process group for
+    crash cleanup; returns its slot."""
+    proc, parent_conn = start_worker(ctx, index, flags_path, setup)
+    try:
+        _shm.record_process_group(proc.pid)  # the worker leads a group of its own
+    except OSError as exc:  # pragma: no cover - only crash cleanup depends on it
+        log.debug("could not record worker %s's process group: %s", proc.pid, exc)
+    return Slot(index, proc, parent_conn)
 
 
 def start_worker(
