@@ -290,25 +290,46 @@ def test_two_processes_cannot_resume_one_run(tmp_path: Path) -> None:
         cs.load("x")
 
 
-def test_data_files_are_written_where_sendfile_is_refused(
+def test_data_files_are_written_where_preallocation_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import ctypes
     import errno
 
-    def refused(*args: Any) -> int:
-        raise OSError(errno.EINVAL, "Invalid argument")
+    from cano_mp._checkpoint import files
 
-    monkeypatch.setattr(os, "sendfile", refused)
+    calls: list[int] = []
+
+    def refused(fd: int, mode: int, offset: int, length: int) -> int:
+        calls.append(length)
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(files, "_fallocate", lambda: refused)
     marker = tmp_path / "fail"
     marker.touch()
     wf = pipeline(tmp_path / "runs.db", "inline")
     wf.store["marker"] = str(marker)
     with pytest.raises(TaskError):
         wf.orchestrate(run_id="r")
+    assert calls  # the big array's file asked for its blocks, and was written anyway
     marker.unlink()
     wf.store.clear()
     assert wf.resume("r") == S.DONE
     assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)
+
+
+def test_a_data_file_has_its_blocks_reserved_and_the_exact_size(tmp_path: Path) -> None:
+    from cano_mp._checkpoint.files import DataFiles
+
+    files = DataFiles(str(tmp_path / "d"), fsync=False)
+    data = np.arange(1_000_000, dtype=np.float64)
+    name = files.new_name()
+    assert files.write(name, memoryview(data)) == data.nbytes
+    assert files.write(name, memoryview(data)) == 0  # there already
+    st = os.stat(files.path(name))
+    assert st.st_size == data.nbytes  # FALLOC_FL_KEEP_SIZE: no tail past the data
+    assert np.array_equal(np.fromfile(files.path(name), np.float64), data)
 
 
 def test_the_async_entry_points_checkpoint_and_resume(tmp_path: Path, ex: Any) -> None:

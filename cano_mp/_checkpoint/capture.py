@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from typing import Any
 
 from .._store import WRITABLE_SEGMENTS, SharedStore, Snapshot, driver_store
 from .._store import shm as _shm
 from .._store.codec import Ref
+from .._store.mapcache import prefault
 from .files import DataFiles
 
 __all__ = ["Capture", "restore"]
+
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+_AHEAD_MIN = 4 << 20  # segments from this size are faulted in by a thread ahead of the write
+_AHEAD_CHUNK = 2 << 20
 
 FileRef = tuple[str, str, int]  # ("f", digest, nbytes)
 
@@ -73,7 +79,7 @@ class Capture:
             return ("f", name, nbytes)
         fd = _shm.open_private(path, size=nbytes)
         try:
-            mm = mmap.mmap(fd, max(nbytes, 1), access=mmap.ACCESS_READ)
+            mm, ahead = _map(fd, nbytes)
             try:
                 view = memoryview(mm)[:nbytes]
                 try:
@@ -81,15 +87,46 @@ class Capture:
                     # the file its last checkpoint wrote
                     if name is None or not writable or not self.files.same(name, view):
                         name = self.files.new_name()
-                        self.written += self.files.write(name, view, fd)
+                        self.written += self.files.write(name, view)
                         self._known[path] = name
                 finally:
                     view.release()
             finally:
-                mm.close()
+                if ahead is None:
+                    mm.close()
+                else:  # unmapping 200 MB takes ~10 ms: not on the run's way
+                    ahead.join()
+                    threading.Thread(target=mm.close, name="cano_mp-unmap", daemon=True).start()
         finally:
             os.close(fd)
         return ("f", name, nbytes)
+
+
+def _map(fd: int, nbytes: int) -> tuple[mmap.mmap, threading.Thread | None]:
+    """A segment mapped to be written out, and the thread faulting it in, if any. Written
+    from a fresh map, each 4 KiB page faults on its own: 120 ms for 200 MB here, against
+    30-40 for ``np.save`` of a heap array. A thread a step ahead of the writer
+    (``MADV_POPULATE_READ``, 2 MB per call, the GIL released) brings it to 37 ms;
+    ``MAP_POPULATE`` (all first, in this thread: 46 ms) where that cannot be done."""
+    if nbytes >= _AHEAD_MIN:
+        try:
+            import numpy as np  # the address of a read-only mapping
+        except ImportError:  # pragma: no cover - numpy is there when arrays are
+            pass
+        else:
+            mm = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)
+            addr = int(np.frombuffer(mm, np.uint8).__array_interface__["data"][0])
+            prefault(addr, _AHEAD_CHUNK, write=False)  # the writer's first steps, here
+            ahead = threading.Thread(target=_fault_in, args=(addr, nbytes), daemon=True)
+            ahead.start()
+            return mm, ahead
+    return mmap.mmap(fd, max(nbytes, 1), flags=_MAP_FLAGS, prot=mmap.PROT_READ), None
+
+
+def _fault_in(addr: int, nbytes: int) -> None:
+    for start in range(_AHEAD_CHUNK, nbytes, _AHEAD_CHUNK):
+        if not prefault(addr + start, min(_AHEAD_CHUNK, nbytes - start), write=False):
+            return  # a kernel before 5.14: the writer faults the rest itself
 
 
 def restore(store: SharedStore, files: DataFiles, entries: dict[str, Any]) -> None:
