@@ -33,10 +33,14 @@ class CountingExecutor(ProcessExecutor):
     def __init__(self, n: int, **kw: Any) -> None:
         super().__init__(n, reuse=False, **kw)
         self.direct_waits = 0
+        self.handed_back = 0
+        self.entered = 0  # waits begun (direct_waits counts them once they end)
 
-    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int | None) -> bool:
+        self.entered += 1
         waited = super().wait_direct(future, timeout, wake_fd)
         self.direct_waits += waited
+        self.handed_back += wake_fd is None
         return waited
 
 
@@ -125,12 +129,15 @@ def test_cancelling_a_run_wakes_its_direct_wait(ex: CountingExecutor, store: Sha
     t = threading.Thread(target=drive)
     t.start()
     deadline = time.monotonic() + 30
-    while ex.direct_waits == 0 and time.monotonic() < deadline:
+    while ex.entered == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
+    time.sleep(0.2)  # in the poll now (the task never returns by itself)
+    assert ex.entered == 1 and ex.direct_waits == 0
     run.cancel()
     t.join(30)
     assert not t.is_alive()
     assert [type(e) for e in caught] == [RunCancelled]
+    assert ex.direct_waits == 1  # the wait that the cancel ended
     assert chain(ex, 2).orchestrate(store=store) == 2
 
 
@@ -191,3 +198,25 @@ def test_direct_and_queued_calls_taking_turns_on_the_same_workers_never_hang(
         with SharedStore() as store:
             assert chain(ex, 2).orchestrate(store=store) == 2
     assert ex.direct_waits >= 800
+
+
+def test_without_an_fd_for_the_wake_pipe_a_direct_call_is_handed_to_the_manager(
+    ex: CountingExecutor, store: SharedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from cano_mp._engine import scope
+
+    def no_fds() -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    assert chain(ex, 2).orchestrate(store=store) == 2  # the workers are started by now
+    monkeypatch.setattr(scope, "WakePipe", no_fds)
+    ex.direct_waits = 0
+    # each call was given to an idle worker as a direct one; its run thread, without a wake
+    # pipe, hands it back and the manager thread reads the reply (a hang if nobody did)
+    assert chain(ex, 5).orchestrate(store=store) == 5
+    assert ex.direct_waits == 0 and ex.handed_back >= 5
+    monkeypatch.undo()
+    assert chain(ex, 3).orchestrate(store=store) == 3
+    assert ex.direct_waits >= 3  # direct again

@@ -126,19 +126,22 @@ class TaskState:
 
     def wait_direct(self) -> bool:
         """Wait for the one running call in this thread (see ``Call.direct``): until it
-        ends, its timeout or the run's, or a cancel. False: not such a state now."""
-        scope = self.scope
-        if not self.direct or len(self.running) != 1 or self.waiting or self.retrying:
+        ends, its timeout or the run's, or a cancel. False: not such a state now. A direct
+        call this thread cannot wait for (no fd for the wake pipe: EMFILE) is handed back
+        to the executor, whose own thread then reads its reply."""
+        scope, waiter = self.scope, self.scope.wait_direct
+        if not self.direct or waiter is None or len(self.running) != 1:
             return False
         (b,) = self.running
-        if b.future is None or b.executor is not scope.executor or scope.wait_direct is None:
+        if b.future is None or b.executor is not scope.executor:
             return False
-        until = [t for t in (b.deadline, scope.deadline) if t is not None]
         fd = scope.wake_fd()
         if fd is None or scope.cancelled:
-            return fd is not None  # the loop raises; or no fd to be had: wait on the event
+            waiter(b.future, 0.0, None)  # hand it back; a cancel raises in the loop
+            return False
+        until = [t for t in (b.deadline, scope.deadline) if t is not None]
         timeout = max(0.0, min(until) - time.monotonic()) if until else None
-        return scope.wait_direct(b.future, timeout, fd)
+        return waiter(b.future, timeout, fd)
 
     def wake_times(self, join_deadline: float | None) -> list[float]:
         wake_at = [join_deadline] if join_deadline is not None else []

@@ -128,12 +128,13 @@ class ExecutorBase:
         not a chunk, or not known). Read only when ``capabilities.reports_progress``."""
         return None
 
-    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int | None) -> bool:
         """Wait up to ``timeout`` seconds, in this thread, for the call behind ``future``
         (submitted with ``Call.direct``), or until ``wake_fd`` turns readable; the future
         may resolve in this thread. ``False``: not waited (not such a call now, or not
-        supported), so the caller waits its usual way. Called only when
-        ``capabilities.direct``."""
+        supported), so the caller waits its usual way. ``wake_fd=None``: the caller will
+        not wait for it this way; the executor must resolve the future itself. Called only
+        when ``capabilities.direct``."""
         return False
 
     def close(self) -> None:
@@ -164,7 +165,7 @@ def progress_reader(
 
 def direct_waiter(
     executor: object,
-) -> Callable[[Future[Any], float | None, int], bool] | None:
+) -> Callable[[Future[Any], float | None, int | None], bool] | None:
     """``executor.wait_direct`` if the executor can wait for a call in the caller's thread,
     else ``None``."""
     if isinstance(executor, ExecutorBase) and executor.capabilities.direct:

@@ -142,16 +142,17 @@ class Pool:
             self._flush(slot)
         return job.future
 
-    def wait_direct(self, fut: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+    def wait_direct(self, fut: Future[Any], timeout: float | None, wake_fd: int | None) -> bool:
         """Wait up to ``timeout`` s for a direct call in this thread (:mod:`.direct`):
-        ``fut`` may resolve here. False: not a direct call being run (the caller waits its
-        usual way)."""
+        ``fut`` may resolve here. False: not a direct call being run, or ``wake_fd`` None
+        (the caller waits its usual way; the manager reads the reply)."""
         job = Job.of(fut)
         slot = job.slot if isinstance(job, PoolJob) else None
         if slot is None or slot.job is not job or not slot.direct or slot.dead:
             return False
         try:
-            wait_reply(slot, fut, timeout, wake_fd, self)
+            if wake_fd is not None:
+                wait_reply(slot, fut, timeout, wake_fd, self)
         finally:
             if not fut.done():  # the manager waits for it from now on
                 with self._lock:
@@ -162,7 +163,7 @@ class Pool:
                 if lost:
                     with contextlib.suppress(Exception):
                         fut.set_result(CANCELLED)
-        return True
+        return wake_fd is not None
 
     def cancel(self, fut: Future[Any], grace: float) -> None:
         job = Job.of(fut)

@@ -180,7 +180,7 @@ class ProcessExecutor(ExecutorBase):
         if pool is not None:
             pool.cancel(future, grace)
 
-    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int) -> bool:
+    def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int | None) -> bool:
         """Wait for a direct call in this thread, its worker's reply read here (see
         ``ExecutorBase.wait_direct``)."""
         pool = self._own
