@@ -220,3 +220,22 @@ def test_without_an_fd_for_the_wake_pipe_a_direct_call_is_handed_to_the_manager(
     monkeypatch.undo()
     assert chain(ex, 3).orchestrate(store=store) == 3
     assert ex.direct_waits >= 3  # direct again
+
+
+def closes_stdout_once(store: Any) -> int:
+    if task_context().state == 0:
+        os.close(1)  # the worker retires after its reply
+    store[f"pid{task_context().state}"] = os.getpid()
+    return int(task_context().state) + 1
+
+
+def test_a_direct_call_sent_to_a_worker_that_then_retires_runs_on_a_fresh_one(
+    store: SharedStore,
+) -> None:
+    with CountingExecutor(1) as one:
+        # state 1's call goes straight to the idle worker, which then says it retires
+        # (fd 1 closed by state 0): it never begins the call, which runs on a fresh worker
+        flow = chain(one, 3, closes_stdout_once, TaskConfig.minimal())  # no retry to hide it
+        assert flow.orchestrate(store=store) == 3
+        assert store["pid0"] != store["pid1"] == store["pid2"]
+        assert chain(one, 2).orchestrate(store=store) == 2

@@ -91,6 +91,19 @@ def test_a_worker_left_unusable_is_replaced(one_worker: ProcessExecutor, breaker
     assert second != first  # a fresh worker ran it
 
 
+@pytest.mark.parametrize("breaker", [closes_stdout, lowers_nofile])
+def test_a_call_sent_before_its_worker_said_it_retires_runs_on_a_fresh_one(
+    one_worker: ProcessExecutor, breaker: Any
+) -> None:
+    # The worker checks its health after its reply: the next call, queued behind the
+    # breaker, is sent to it before it says it retires. It never begins that call, and the
+    # pool gives it to a fresh worker, not charged (no WorkerDied).
+    first = one_worker.submit(Call(breaker, (), ()))
+    second = one_worker.submit(Call(prints, (), ()))
+    assert result(second) != result(first)
+    assert isinstance(result(one_worker.submit(Call(prints, (), ()))), int)
+
+
 def test_max_tasks_per_worker_recycles_workers() -> None:
     with ProcessExecutor(1, reuse=False, max_tasks_per_worker=2) as ex:
         pids = [result(ex.submit(Call(returns_pid, (), ()))) for _ in range(4)]

@@ -39,7 +39,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from multiprocessing.connection import wait
 from typing import Any
 
 from .._errors import CanoError
@@ -65,7 +64,7 @@ from .._worker.flags import (
 )
 from .._worker.logs import emit_remote
 from .base import Job, JobFuture
-from .direct import readable, wait_reply, watch
+from .direct import Watch, readable, wait_reply
 from .slots import PoolJob, Slot, fill, flush, jobs_of, message, room_ahead, stop_all, take_back
 from .start import Backoff, start_slot
 
@@ -109,6 +108,7 @@ class Pool:
         self.prefed = self.withdrawn = self.requeued = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        self._watch = Watch(self._wake_r)
         self._flags_file = FlagsFile(max_workers)
         self._flags, self._flags_path = self._flags_file.buf, self._flags_file.path
         self._owner = _shm.owner_name()
@@ -147,22 +147,24 @@ class Pool:
         ``fut`` may resolve here. False: not a direct call being run, or ``wake_fd`` None
         (the caller waits its usual way; the manager reads the reply)."""
         job = Job.of(fut)
-        slot = job.slot if isinstance(job, PoolJob) else None
-        if slot is None or slot.job is not job or not slot.direct or slot.dead:
+        if not isinstance(job, PoolJob) or (slot := job.slot) is None:
+            return False
+        if slot.job is not job or not slot.direct or slot.dead:
             return False
         try:
             if wake_fd is not None:
                 wait_reply(slot, fut, timeout, wake_fd, self)
+        except BaseException:  # cut off (Ctrl-C): its reply may have been read, unresolved
+            if not fut.done() and slot.job is not job and job.slot is slot:
+                with contextlib.suppress(Exception):
+                    fut.set_result(CANCELLED)
+            raise
         finally:
-            if not fut.done():  # the manager waits for it from now on
+            if not fut.done():  # the manager waits for it from now on (or it was requeued)
                 with self._lock:
-                    lost = slot.job is not job  # its reply was read, cut off unresolved
-                    if not lost:
+                    if slot.job is job:
                         slot.direct = False
                 self._wake()
-                if lost:
-                    with contextlib.suppress(Exception):
-                        fut.set_result(CANCELLED)
         return wake_fd is not None
 
     def cancel(self, fut: Future[Any], grace: float) -> None:
@@ -314,31 +316,30 @@ class Pool:
             slot = None  # type: ignore[assignment]
             with self._lock:
                 live = [s for s in self._slots if s is not None]
-                waitables = watch(live, self._wake_r)
+                self._watch.update(live)
                 kill_times = [s.job.stop_at for s in live if s.job is not None and s.job.stop_at]
                 if self._pending and self._backoff.until and len(live) < self.max_workers:
                     kill_times.append(self._backoff.until)  # try starting a worker again then
             timeout = None
             if kill_times:
                 timeout = max(0.0, min(kill_times) - time.monotonic())
-            ready = wait(waitables, timeout)
-            if self._wake_r in ready:
+            woken, pipes, sentinels = self._watch.wait(timeout)
+            if woken:
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
-            for s in live:
-                if s.conn in ready and not s.direct:
+            for s in pipes:
+                if not s.direct:  # else its run thread reads it (the turn's list was older)
                     self._receive(s)
-            for s in live:
-                if not s.dead and s.process.sentinel in ready:
-                    self._reap(s)
+            for s in sentinels:
+                self._reap(s)
             now = time.monotonic()
             for s in live:
                 running = s.job
                 if not s.dead and running is not None and running.stop_at is not None:
                     if now >= running.stop_at:
-                        self._kill(s)
+                        s.kill()
                         self._reap(s)
         self._shutdown_workers()
 
@@ -495,9 +496,6 @@ class Pool:
             if not job.future.done():
                 job.future.set_exception(exc)
 
-    def _kill(self, slot: Slot) -> None:
-        slot.kill()
-
     def _reap(self, slot: Slot) -> None:
         with self._lock:  # the manager thread or a direct call's thread: once
             if slot.dead:
@@ -521,8 +519,12 @@ class Pool:
                 self._idle.remove(slot)
             self._ready.notify_all()
             job = slot.job
-            if job is not None and job.prefed and not began(self._flags, slot.index, job.seq):
-                job = None  # it answered the call before and died before this one began
+            if (
+                job is not None
+                and (job.prefed or slot.retiring)
+                and not began(self._flags, slot.index, job.seq)
+            ):
+                job = None  # it answered the call before and ended before this one began
             else:
                 slot.job = None
             flush = self._requeue(slot)  # the calls it never began go elsewhere

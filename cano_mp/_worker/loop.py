@@ -107,9 +107,9 @@ def worker_main(
 class Health:
     """What this worker needs to stay usable, as it was at start: its standard fds and its
     resource limits. A task that closes fd 1 or lowers RLIMIT_NOFILE would break every later
-    task in this process; after each call the worker compares (~5 µs: three ``fstat`` and
-    a few ``getrlimit``) and retires when a task left it unusable — the pool starts a fresh
-    one on demand."""
+    task in this process; after each call's reply the worker compares (~6 µs: three
+    ``fstat`` and a few ``getrlimit``) and retires when a task left it unusable — the pool
+    starts a fresh one on demand, and runs there a call it had already sent this one."""
 
     LIMITS = ("RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_CPU")
 
@@ -187,8 +187,8 @@ def _serve(conn: Connection, control: CallControl, max_tasks: int | None, health
         control.end()
         del msg, objs  # hold no call's arguments while waiting for the next one
         done += 1
-        retire = health.broken()
-        if retire is None and max_tasks is not None and done >= max_tasks:
+        retire = None
+        if max_tasks is not None and done >= max_tasks:
             retire = f"it ran its {max_tasks} calls (max_tasks_per_worker)"
         try:
             if retire is not None:  # before the reply: the driver must not send another call
@@ -200,6 +200,14 @@ def _serve(conn: Connection, control: CallControl, max_tasks: int | None, health
             text = f"the call's result could not be sent back: {type(exc).__name__}: {exc}"
             send(_raised(seq, text[:2000]))
         del reply
+        # After the reply, off the call's way (~6 µs): the driver may have sent another call
+        # meanwhile; a worker that said it retires never begins one, and the driver gives
+        # what it never began to another worker.
+        if retire is None and (retire := health.broken()) is not None:
+            try:
+                send(("retire", retire))
+            except OSError:
+                return
         if retire is not None:
             return  # the pool starts a new worker on demand
         _mapcache.sweep()  # after the reply: drop mappings of deleted segments
