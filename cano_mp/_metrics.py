@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import enum
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, NamedTuple
 
 from ._errors import TaskCancelled, TaskTimeout, WorkerCrashed
@@ -18,6 +18,11 @@ __all__ = ["DEFAULT_BUCKETS", "MetricsObserver"]
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0,
 )  # fmt: skip
+
+
+# The hot hooks (a state entered, an attempt ended) only note what happened; the notes are
+# folded into the counters when the metrics are read, or once this many wait.
+_FOLD_AT = 4096
 
 
 def _label(state: Any) -> str:
@@ -81,6 +86,9 @@ class MetricsObserver(Observer):
         # reset(): the hot hooks are a dict look-up and a few increments under the lock.
         self._state_cells: dict[tuple[str, Any], tuple[dict[Key, float], Key]] = {}
         self._task_cells: dict[tuple[str, Any, str], _TaskCell] = {}
+        # Notes of the hot hooks, not yet folded in (deque appends need no lock).
+        self._entered: deque[tuple[str, Any]] = deque()
+        self._ended: deque[tuple[str, Any, str, float, str | None]] = deque()
 
     def _state_cell(self, workflow: str, state: Any) -> tuple[dict[Key, float], Key]:
         # called with the lock held
@@ -124,14 +132,10 @@ class MetricsObserver(Observer):
 
     # -- hooks -----------------------------------------------------------------------------
     def on_state_enter(self, run: RunInfo, state: Any) -> None:
-        with self._lock:
-            try:
-                cell = self._state_cells.get((run.workflow, state))
-            except TypeError:
-                cell = None
-            if cell is None:
-                cell = self._state_cell(run.workflow, state)
-            cell[0][cell[1]] += 1
+        entered = self._entered
+        entered.append((run.workflow, state))
+        if len(entered) >= _FOLD_AT:
+            self._fold()
 
     def on_task_end(
         self,
@@ -143,32 +147,44 @@ class MetricsObserver(Observer):
         error: BaseException | None,
         duration: float,
     ) -> None:
+        ended = self._ended
+        outcome = None if error is None else _outcome(error)  # the error itself is not kept
+        ended.append((run.workflow, state, task_name, duration, outcome))
+        if len(ended) >= _FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
         with self._lock:
+            self._fold_locked()
+
+    def _fold_locked(self) -> None:
+        """Count the noted events (the lock held)."""
+        entered, ended = self._entered, self._ended
+        while entered:
+            workflow, state = entered.popleft()
             try:
-                cell = self._task_cells.get((run.workflow, state, task_name))
-            except TypeError:
+                cell = self._state_cells.get((workflow, state))
+            except TypeError:  # an unhashable state: found afresh each time
                 cell = None
             if cell is None:
-                cell = self._task_cell(run.workflow, state, task_name)
-            h = cell.hist  # _Histogram.observe, inlined: this runs once per attempt
-            h.counts[bisect.bisect_left(h.buckets, duration)] += 1
-            h.count += 1
-            h.sum += duration
-            if error is None:
-                cell.attempts[cell.ok] += 1
-                return
-            self._task_failed(cell.labels, error)
+                cell = self._state_cell(workflow, state)
+            cell[0][cell[1]] += 1
+        while ended:
+            workflow, state, task_name, duration, outcome = ended.popleft()
+            try:
+                task = self._task_cells.get((workflow, state, task_name))
+            except TypeError:
+                task = None
+            if task is None:
+                task = self._task_cell(workflow, state, task_name)
+            task.hist.observe(duration)
+            if outcome is None:
+                task.attempts[task.ok] += 1
+            else:
+                self._task_failed(task.labels, outcome)
 
-    def _task_failed(self, labels: Key, error: BaseException) -> None:
+    def _task_failed(self, labels: Key, outcome: str) -> None:
         # called with the lock held
-        if isinstance(error, TaskCancelled):
-            outcome = "cancelled"
-        elif isinstance(error, WorkerCrashed):
-            outcome = "crash"
-        elif isinstance(error, TaskTimeout):
-            outcome = "timeout"
-        else:
-            outcome = "error"
         counters = self._counters
         if outcome == "cancelled":
             counters["cano_mp_cancellations_total"][labels] += 1
@@ -207,6 +223,7 @@ class MetricsObserver(Observer):
         """``{metric: [{"labels": {...}, "value": n}]}`` for counters and
         ``{"labels": {...}, "count", "sum", "buckets"}`` for histograms."""
         with self._lock:
+            self._fold_locked()
             out: dict[str, Any] = {}
             for name, series in sorted(self._counters.items()):
                 out[name] = [{"labels": dict(k), "value": v} for k, v in sorted(series.items())]
@@ -217,6 +234,7 @@ class MetricsObserver(Observer):
     def value(self, name: str, **labels: str) -> float:
         """The sum of a counter over the series matching ``labels`` (0 if none)."""
         with self._lock:
+            self._fold_locked()
             series = self._counters.get(name, {})
             want = set(labels.items())
             return sum(v for k, v in series.items() if want <= set(k))
@@ -224,6 +242,8 @@ class MetricsObserver(Observer):
     def reset(self) -> None:
         """Forget everything counted so far."""
         with self._lock:
+            self._entered.clear()
+            self._ended.clear()
             self._counters.clear()
             self._hists.clear()
             self._state_cells.clear()
@@ -254,6 +274,16 @@ class MetricsObserver(Observer):
         runs = self.value("cano_mp_runs_total")
         attempts = self.value("cano_mp_task_attempts_total")
         return f"<MetricsObserver {runs:g} runs, {attempts:g} task attempts>"
+
+
+def _outcome(error: BaseException) -> str:
+    if isinstance(error, TaskCancelled):
+        return "cancelled"
+    if isinstance(error, WorkerCrashed):
+        return "crash"
+    if isinstance(error, TaskTimeout):
+        return "timeout"
+    return "error"
 
 
 def _num(v: float) -> str:

@@ -402,3 +402,45 @@ def test_the_transition_record_is_one_lazy_record_with_its_fields(
     # where the record was made: the engine's run loop, as findCaller would say
     assert first.pathname.endswith(os.path.join("_engine", "run.py")) and first.lineno > 0
     assert first.funcName == "run"
+
+
+def test_metrics_fold_their_notes_exactly_across_threads_and_keep_no_errors() -> None:
+    import gc
+    import threading
+    import weakref
+
+    from cano_mp import RunInfo, TaskTimeout
+    from cano_mp._metrics import _FOLD_AT
+
+    metrics = MetricsObserver()
+    per_thread = _FOLD_AT + 123  # each thread passes the fold threshold while others note
+    run = RunInfo("r", "wf")
+
+    def note() -> None:
+        for i in range(per_thread):
+            metrics.on_state_enter(run, S.A)
+            metrics.on_task_end(run, S.A, "t", 1, error=None, duration=0.002)
+            if i % 1000 == 0:
+                metrics.value("cano_mp_states_total")  # a reader folds meanwhile
+
+    threads = [threading.Thread(target=note) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert metrics.value("cano_mp_states_total", state="A") == 4 * per_thread
+    assert metrics.value("cano_mp_task_attempts_total", outcome="ok") == 4 * per_thread
+    [hist] = metrics.as_dict()["cano_mp_task_duration_seconds"]
+    assert hist["count"] == 4 * per_thread and hist["buckets"]["0.005"] == 4 * per_thread
+
+    error = TaskTimeout("slow")
+    ref = weakref.ref(error)
+    metrics.on_task_end(run, S.A, "t", 2, error=error, duration=5.0)
+    del error
+    gc.collect()
+    assert ref() is None  # a noted failure keeps only its outcome, not the exception
+    assert metrics.value("cano_mp_task_attempts_total", outcome="timeout") == 1
+    assert metrics.value("cano_mp_task_failures_total") == 1
+    metrics.on_state_enter(run, S.B)
+    metrics.reset()  # notes not yet folded go too
+    assert metrics.value("cano_mp_states_total") == 0
