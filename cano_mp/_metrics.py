@@ -10,10 +10,13 @@ from collections import defaultdict, deque
 from typing import Any, NamedTuple
 
 from ._errors import TaskCancelled, TaskTimeout, WorkerCrashed
+from ._log import get_logger
 from ._observe import Observer, RunInfo
 from ._public import public
 
 __all__ = ["DEFAULT_BUCKETS", "MetricsObserver"]
+
+log = get_logger("cano_mp.metrics")
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0,
@@ -163,25 +166,39 @@ class MetricsObserver(Observer):
         while entered:
             workflow, state = entered.popleft()
             try:
-                cell = self._state_cells.get((workflow, state))
-            except TypeError:  # an unhashable state: found afresh each time
-                cell = None
-            if cell is None:
-                cell = self._state_cell(workflow, state)
-            cell[0][cell[1]] += 1
+                self._count_state(workflow, state)
+            except Exception:  # a state whose str() raises: not counted, never raised here
+                log.debug("MetricsObserver could not count state %r", state, exc_info=True)
         while ended:
             workflow, state, task_name, duration, outcome = ended.popleft()
             try:
-                task = self._task_cells.get((workflow, state, task_name))
-            except TypeError:
-                task = None
-            if task is None:
-                task = self._task_cell(workflow, state, task_name)
-            task.hist.observe(duration)
-            if outcome is None:
-                task.attempts[task.ok] += 1
-            else:
-                self._task_failed(task.labels, outcome)
+                self._count_attempt(workflow, state, task_name, duration, outcome)
+            except Exception:
+                log.debug("MetricsObserver could not count an attempt", exc_info=True)
+
+    def _count_state(self, workflow: str, state: Any) -> None:
+        try:
+            cell = self._state_cells.get((workflow, state))
+        except TypeError:  # an unhashable state: found afresh each time
+            cell = None
+        if cell is None:
+            cell = self._state_cell(workflow, state)
+        cell[0][cell[1]] += 1
+
+    def _count_attempt(
+        self, workflow: str, state: Any, task_name: str, duration: float, outcome: str | None
+    ) -> None:
+        try:
+            task = self._task_cells.get((workflow, state, task_name))
+        except TypeError:
+            task = None
+        if task is None:
+            task = self._task_cell(workflow, state, task_name)
+        task.hist.observe(duration)
+        if outcome is None:
+            task.attempts[task.ok] += 1
+        else:
+            self._task_failed(task.labels, outcome)
 
     def _task_failed(self, labels: Key, outcome: str) -> None:
         # called with the lock held

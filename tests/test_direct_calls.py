@@ -239,3 +239,26 @@ def test_a_direct_call_sent_to_a_worker_that_then_retires_runs_on_a_fresh_one(
         assert flow.orchestrate(store=store) == 3
         assert store["pid0"] != store["pid1"] == store["pid2"]
         assert chain(one, 2).orchestrate(store=store) == 2
+
+
+def test_a_direct_call_with_a_timeout_beyond_what_poll_takes_runs(
+    ex: CountingExecutor, store: SharedStore
+) -> None:
+    from cano_mp._executors.direct import poll_ms
+
+    assert poll_ms(None) is None and poll_ms(-1.0) == 0 and poll_ms(0.0011) == 2
+    assert poll_ms(30 * 86400.0) == poll_ms(float("inf")) == poll_ms(float("nan")) == 2**31 - 1
+    month = TaskConfig(timeout=30 * 86400.0)  # poll() takes at most ~24.8 days
+    ex.direct_waits = 0
+    assert chain(ex, 3, config=month).orchestrate(store=store) == 3
+    assert ex.direct_waits >= 3
+
+
+def test_a_call_resolved_twice_keeps_its_first_outcome() -> None:
+    from cano_mp._executors.base import JobFuture
+
+    fut = JobFuture()
+    fut.set_result(1)
+    fut.set_exception(RuntimeError("late"))  # a second resolver (a race): dropped
+    fut.set_result(2)
+    assert fut.result() == 1

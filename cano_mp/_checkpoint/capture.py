@@ -96,7 +96,9 @@ class Capture:
                     mm.close()
                 else:  # unmapping 200 MB takes ~10 ms: not on the run's way
                     ahead.join()
-                    threading.Thread(target=mm.close, name="cano_mp-unmap", daemon=True).start()
+                    threading.Thread(
+                        target=_unmap, args=(mm,), name="cano_mp-unmap", daemon=True
+                    ).start()
         finally:
             os.close(fd)
         return ("f", name, nbytes)
@@ -121,6 +123,13 @@ def _map(fd: int, nbytes: int) -> tuple[mmap.mmap, threading.Thread | None]:
             ahead.start()
             return mm, ahead
     return mmap.mmap(fd, max(nbytes, 1), flags=_MAP_FLAGS, prot=mmap.PROT_READ), None
+
+
+def _unmap(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view still open (an error path): the map goes with it
+        pass
 
 
 def _fault_in(addr: int, nbytes: int) -> None:

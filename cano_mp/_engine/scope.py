@@ -38,6 +38,7 @@ class WakePipe:
     __slots__ = ("_w", "fd")
 
     def __init__(self) -> None:
+        self.fd = self._w = -1  # what __del__ sees if os.pipe() fails (EMFILE)
         self.fd, self._w = os.pipe()
         os.set_blocking(self._w, False)
 
@@ -50,7 +51,8 @@ class WakePipe:
     def __del__(self) -> None:
         for fd in (self.fd, self._w):
             try:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             except OSError:  # pragma: no cover - closed at interpreter exit
                 pass
 

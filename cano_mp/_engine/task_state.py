@@ -213,8 +213,8 @@ class TaskState:
             (scope.units, self.snap.blob),
             (b.ref.index, b.attempt, scope.run_id, b.token, not inline and scope.remote),
             b.deadline,
-            ahead=self.quick > 4 * self.slow,
-            direct=self.direct and not inline,
+            ahead=self.quick > 4 * self.slow and not self.direct,  # a queued call is no
+            direct=self.direct and not inline,  # thread's to read: never both
         )
         self._attempt_starts(b)
         self.running.add(b)

@@ -14,8 +14,9 @@ engine never probes an executor's attributes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -189,13 +190,18 @@ class JobFuture(Future[Any]):
 
     job: Job | None = None
 
+    # Two threads may both conclude a call (the manager reaping a dead worker, a run
+    # thread cut off in its reply): the first outcome stands, the second is dropped — a
+    # raise here would take down the thread that resolves every other call.
     def set_result(self, result: Any) -> None:
         self.job = None
-        super().set_result(result)
+        with contextlib.suppress(InvalidStateError):
+            super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
         self.job = None
-        super().set_exception(exception)
+        with contextlib.suppress(InvalidStateError):
+            super().set_exception(exception)
 
 
 @dataclass(eq=False, slots=True)

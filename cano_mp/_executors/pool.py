@@ -64,7 +64,7 @@ from .._worker.flags import (
 )
 from .._worker.logs import emit_remote
 from .base import Job, JobFuture
-from .direct import Watch, readable, wait_reply
+from .direct import Watch, readable, wait_direct
 from .slots import PoolJob, Slot, fill, flush, jobs_of, message, room_ahead, stop_all, take_back
 from .start import Backoff, start_slot
 
@@ -106,6 +106,7 @@ class Pool:
         self._want_extra = 0
         # Pre-feed counts: calls queued ahead, withdrawn (cancelled there), sent elsewhere.
         self.prefed = self.withdrawn = self.requeued = 0
+        self._wake_lock = threading.Lock()  # after the pool lock, when both are taken
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._watch = Watch(self._wake_r)
@@ -123,9 +124,7 @@ class Pool:
         with self._lock:
             if self._closed or self._broken is not None:
                 job.future.job = None  # never accepted: leave no cycle behind
-                if self._closed:
-                    raise CanoError("this ProcessExecutor is closed")
-                raise CanoError(f"the worker initializer failed:\n{self._broken}")
+                self._check_open()
             slot = self._idle.pop() if self._idle else None
             if slot is not None:
                 self._claim(slot, job)
@@ -143,29 +142,9 @@ class Pool:
         return job.future
 
     def wait_direct(self, fut: Future[Any], timeout: float | None, wake_fd: int | None) -> bool:
-        """Wait up to ``timeout`` s for a direct call in this thread (:mod:`.direct`):
-        ``fut`` may resolve here. False: not a direct call being run, or ``wake_fd`` None
-        (the caller waits its usual way; the manager reads the reply)."""
-        job = Job.of(fut)
-        if not isinstance(job, PoolJob) or (slot := job.slot) is None:
-            return False
-        if slot.job is not job or not slot.direct or slot.dead:
-            return False
-        try:
-            if wake_fd is not None:
-                wait_reply(slot, fut, timeout, wake_fd, self)
-        except BaseException:  # cut off (Ctrl-C): its reply may have been read, unresolved
-            if not fut.done() and slot.job is not job and job.slot is slot:
-                with contextlib.suppress(Exception):
-                    fut.set_result(CANCELLED)
-            raise
-        finally:
-            if not fut.done():  # the manager waits for it from now on (or it was requeued)
-                with self._lock:
-                    if slot.job is job:
-                        slot.direct = False
-                self._wake()
-        return wake_fd is not None
+        """Wait up to ``timeout`` s for a direct call in this thread: see
+        :func:`.direct.wait_direct`."""
+        return wait_direct(self, fut, timeout, wake_fd)
 
     def cancel(self, fut: Future[Any], grace: float) -> None:
         job = Job.of(fut)
@@ -207,10 +186,7 @@ class Pool:
         deadline = time.monotonic() + (math.inf if timeout is None else timeout)
         with self._lock:
             while True:
-                if self._closed:
-                    raise CanoError("this ProcessExecutor is closed")
-                if self._broken is not None:
-                    raise CanoError(f"the worker initializer failed:\n{self._broken}")
+                self._check_open()
                 live = [s for s in self._slots if s is not None and not s.dead]
                 ready = sum(1 for s in live if s.ready)
                 if want - len(live) > self._want_extra:
@@ -221,6 +197,12 @@ class Pool:
                 if time.monotonic() >= deadline:
                     raise CanoError(f"{ready} of {want} workers ready after {timeout}s")
                 self._ready.wait(min(deadline - time.monotonic(), 0.5))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CanoError("this ProcessExecutor is closed")
+        if self._broken is not None:
+            raise CanoError(f"the worker initializer failed:\n{self._broken}")
 
     @property
     def closed(self) -> bool:
@@ -235,26 +217,26 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
-            pending = list(self._pending)
-            self._pending.clear()
             self._ready.notify_all()
             self._wake()
-        for job in pending:
-            if not job.future.done():
-                job.future.set_exception(CanoError("the executor was closed"))
+        self._fail_pending(CanoError("the executor was closed"))
         self._thread.join(timeout=10)
         self._flags_file.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = -1
         if self._ctx is not None:
             self._ctx.close()  # the fork server
 
     # -- internals ----------------------------------------------------------------------
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # already awake
+        with self._wake_lock:  # never a write to the fd number once close() freed it
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass  # already awake
 
     def _claim(self, slot: Slot, job: PoolJob) -> None:
         slot.job = job
@@ -278,7 +260,13 @@ class Pool:
         return sent
 
     def _flush(self, slot: Slot) -> None:
-        flush(slot, self._lock, self._send)
+        try:
+            flush(slot, self._lock, self._send)
+        except BaseException:  # cut off while sending (Ctrl-C): what reached the pipe is unknown
+            with self._lock:
+                slot.retiring = True  # its calls that never began go to other workers
+            slot.kill()
+            raise
 
     def _send(self, slot: Slot, job: PoolJob) -> None:
         try:
@@ -317,31 +305,30 @@ class Pool:
             with self._lock:
                 live = [s for s in self._slots if s is not None]
                 self._watch.update(live)
-                kill_times = [s.job.stop_at for s in live if s.job is not None and s.job.stop_at]
+                heads = (s.job for s in live if not s.dead)  # (no local of this frame keeps
+                kill_times = [j.stop_at for j in heads if j is not None and j.stop_at]  # a call)
                 if self._pending and self._backoff.until and len(live) < self.max_workers:
                     kill_times.append(self._backoff.until)  # try starting a worker again then
             timeout = None
             if kill_times:
                 timeout = max(0.0, min(kill_times) - time.monotonic())
-            woken, pipes, sentinels = self._watch.wait(timeout)
-            if woken:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
+            pipes, sentinels = self._watch.wait(timeout)
             for s in pipes:
                 if not s.direct:  # else its run thread reads it (the turn's list was older)
                     self._receive(s)
             for s in sentinels:
                 self._reap(s)
-            now = time.monotonic()
-            for s in live:
-                running = s.job
-                if not s.dead and running is not None and running.stop_at is not None:
-                    if now >= running.stop_at:
-                        s.kill()
-                        self._reap(s)
+            self._expire(live)
         self._shutdown_workers()
+
+    def _expire(self, live: list[Slot]) -> None:
+        """Kill the workers whose cancelled call's grace period is over."""
+        now = time.monotonic()
+        for s in live:
+            job = s.job
+            if not s.dead and job is not None and job.stop_at is not None and now >= job.stop_at:
+                s.kill()
+                self._reap(s)
 
     def _spawn_needed(self) -> list[Slot]:
         # called with the lock held; returns the slots to flush once it is released
@@ -364,9 +351,8 @@ class Pool:
         return sends
 
     def _spawn_failed(self, exc: Exception) -> None:
-        """A worker could not start (EMFILE, EAGAIN, ENOMEM...): a passing condition as a
-        rule. Calls that no live worker can serve fail (their retry policy decides); the
-        next start is tried after a backoff (0.1 s doubling to 5 s), never given up."""
+        """A worker could not start (EMFILE, EAGAIN...): calls no live worker can serve
+        fail (their retry policy decides); the next start waits a backoff (start.py)."""
         delay = self._backoff.failed()
         log.warning("could not start a worker process: %s (trying again in %.1fs)", exc, delay)
         if any(s is not None for s in self._slots):
@@ -377,10 +363,10 @@ class Pool:
                 job.future.set_exception(error)
         self._pending.clear()
 
-    def _receive(self, slot: Slot) -> bool:
+    def _receive(self, slot: Slot) -> bool | None:
         """Handle one message from ``slot``'s worker if one is there (the manager and a
-        direct call's thread may both have seen the pipe readable: only one reads it);
-        False if there was none or the pipe is closed."""
+        direct call's thread may both have seen the pipe readable: only one reads it).
+        True: one was; False: none was there; None: the pipe is closed (see :meth:`_gone`)."""
         with slot.rlock:  # messages are read and handled one at a time, in order
             try:
                 if not readable(slot.conn):
@@ -392,8 +378,19 @@ class Pool:
                 gone = False
                 self._handle(slot, data)
         if gone:
+            self._gone(slot)
+            return None
+        return True
+
+    def _gone(self, slot: Slot) -> None:
+        """``slot``'s worker ended. Only the manager reaps (it watches every sentinel): a
+        reap cut off by Ctrl-C on a run thread would strand the slot and its calls."""
+        if threading.current_thread() is self._thread:
             self._reap(slot)
-        return not gone
+        else:
+            with self._lock:
+                slot.direct = False
+            self._wake()
 
     def _handle(self, slot: Slot, data: bytes) -> None:
         try:
@@ -430,7 +427,7 @@ class Pool:
         log.error("the worker initializer failed:\n%s", text)
         if job is not None and not job.future.done():
             job.future.set_exception(error)
-        self._reap(slot)
+        self._gone(slot)
         self._fail_pending(error)
 
     def _replied(self, slot: Slot, msg: Any) -> None:
@@ -440,6 +437,9 @@ class Pool:
             if job is None or job.seq != msg.seq:
                 return  # a stale reply: cannot happen, the worker answers in order
             slot.job = nxt = slot.queued.popleft() if slot.queued else None
+            if nxt is not None and slot.direct:  # never so (ahead calls are not direct)
+                slot.direct = False
+                self._wake()
             if nxt is not None and nxt.cancelled:  # it may have started before the skip
                 request_cancel(self._flags, slot.index, nxt.seq)
                 nxt.stop_at = time.monotonic() + nxt.grace
@@ -497,7 +497,8 @@ class Pool:
                 job.future.set_exception(exc)
 
     def _reap(self, slot: Slot) -> None:
-        with self._lock:  # the manager thread or a direct call's thread: once
+        # the manager thread only (see _gone)
+        with self._lock:
             if slot.dead:
                 return
             slot.dead = True
