@@ -184,6 +184,7 @@ def test_concurrent_runs_share_the_workers_and_a_lone_run_goes_direct_again(
     assert ex.direct_waits >= before + 5
 
 
+@pytest.mark.slow  # 6 s; the pool is the same on every interpreter (runs on 3.11)
 def test_direct_and_queued_calls_taking_turns_on_the_same_workers_never_hang(
     ex: CountingExecutor,
 ) -> None:
