@@ -319,13 +319,27 @@ def test_data_files_are_written_where_preallocation_is_refused(
     assert wf.store["total"] == float(np.arange(100_000.0).sum() * 2)
 
 
-def test_a_data_file_has_its_blocks_reserved_and_the_exact_size(tmp_path: Path) -> None:
+def test_a_data_file_has_its_blocks_reserved_and_the_exact_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cano_mp._checkpoint import files as files_module
     from cano_mp._checkpoint.files import DataFiles
 
+    real = files_module._fallocate()
+    if real is None:
+        pytest.skip("no fallocate(2) here")
+    asked: list[tuple[int, int, int]] = []
+
+    def spy(fd: int, mode: int, offset: int, length: int) -> int:
+        asked.append((mode, offset, length))
+        return real(fd, mode, offset, length)
+
+    monkeypatch.setattr(files_module, "_fallocate", lambda: spy)
     files = DataFiles(str(tmp_path / "d"), fsync=False)
     data = np.arange(1_000_000, dtype=np.float64)
     name = files.new_name()
     assert files.write(name, memoryview(data)) == data.nbytes
+    assert asked == [(1, 0, data.nbytes)]  # FALLOC_FL_KEEP_SIZE, the whole file, once
     assert files.write(name, memoryview(data)) == 0  # there already
     st = os.stat(files.path(name))
     assert st.st_size == data.nbytes  # FALLOC_FL_KEEP_SIZE: no tail past the data

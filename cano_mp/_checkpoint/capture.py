@@ -22,14 +22,12 @@ from typing import Any
 from .._store import WRITABLE_SEGMENTS, SharedStore, Snapshot, driver_store
 from .._store import shm as _shm
 from .._store.codec import Ref
-from .._store.mapcache import prefault
+from .._store.mapcache import POPULATE_MIN, PREFAULT_CHUNK, address, prefault
 from .files import DataFiles
 
 __all__ = ["Capture", "restore"]
 
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-_AHEAD_MIN = 4 << 20  # segments from this size are faulted in by a thread ahead of the write
-_AHEAD_CHUNK = 2 << 20
 
 FileRef = tuple[str, str, int]  # ("f", digest, nbytes)
 
@@ -110,18 +108,15 @@ def _map(fd: int, nbytes: int) -> tuple[mmap.mmap, threading.Thread | None]:
     30-40 for ``np.save`` of a heap array. A thread a step ahead of the writer
     (``MADV_POPULATE_READ``, 2 MB per call, the GIL released) brings it to 37 ms;
     ``MAP_POPULATE`` (all first, in this thread: 46 ms) where that cannot be done."""
-    if nbytes >= _AHEAD_MIN:
-        try:
-            import numpy as np  # the address of a read-only mapping
-        except ImportError:  # pragma: no cover - numpy is there when arrays are
-            pass
-        else:
-            mm = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)
-            addr = int(np.frombuffer(mm, np.uint8).__array_interface__["data"][0])
-            prefault(addr, _AHEAD_CHUNK, write=False)  # the writer's first steps, here
+    if nbytes >= POPULATE_MIN:
+        mm = mmap.mmap(fd, nbytes, prot=mmap.PROT_READ)
+        addr = address(mm, nbytes)
+        if addr is not None:
+            prefault(addr, PREFAULT_CHUNK, write=False)  # the writer's first steps, here
             ahead = threading.Thread(target=_fault_in, args=(addr, nbytes), daemon=True)
             ahead.start()
             return mm, ahead
+        mm.close()  # pragma: no cover - numpy is there when arrays are
     return mmap.mmap(fd, max(nbytes, 1), flags=_MAP_FLAGS, prot=mmap.PROT_READ), None
 
 
@@ -133,8 +128,8 @@ def _unmap(mm: mmap.mmap) -> None:
 
 
 def _fault_in(addr: int, nbytes: int) -> None:
-    for start in range(_AHEAD_CHUNK, nbytes, _AHEAD_CHUNK):
-        if not prefault(addr + start, min(_AHEAD_CHUNK, nbytes - start), write=False):
+    for start in range(PREFAULT_CHUNK, nbytes, PREFAULT_CHUNK):
+        if not prefault(addr + start, min(PREFAULT_CHUNK, nbytes - start), write=False):
             return  # a kernel before 5.14: the writer faults the rest itself
 
 

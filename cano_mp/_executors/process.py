@@ -170,33 +170,31 @@ class ProcessExecutor(ExecutorBase):
         """Queue ``call``; it runs in the first free worker."""
         return self._pool().submit(call)
 
+    def _existing_pool(self) -> Pool | None:
+        """The pool behind this executor if there is one now (never starts one): what
+        looks after a call already submitted."""
+        if self._own is not None:
+            return self._own
+        with _shared_lock:
+            return _shared.get(self._key)
+
     def cancel(self, future: Future[Any], grace: float) -> None:
         """Set the call's cooperative flag; kill its worker after ``grace`` seconds."""
-        if self._own is not None:
-            self._own.cancel(future, grace)
-            return
-        with _shared_lock:
-            pool = _shared.get(self._key)
+        pool = self._existing_pool()
         if pool is not None:
             pool.cancel(future, grace)
 
     def wait_direct(self, future: Future[Any], timeout: float | None, wake_fd: int | None) -> bool:
         """Wait for a direct call in this thread, its worker's reply read here (see
         ``ExecutorBase.wait_direct``)."""
-        pool = self._own
-        if pool is None:
-            with _shared_lock:
-                pool = _shared.get(self._key)
+        pool = self._existing_pool()
         return pool.wait_direct(future, timeout, wake_fd) if pool is not None else False
 
     def progress(self, future: Future[Any]) -> tuple[int, float] | None:
         """Where a running call is: ``(position, started)`` of the item a batch chunk works
         on (``started`` in ``time.monotonic()`` seconds), or ``None`` (not started, done,
         or not a chunk). Read by the engine: ``capabilities.reports_progress``."""
-        pool = self._own
-        if pool is None:
-            with _shared_lock:
-                pool = _shared.get(self._key)
+        pool = self._existing_pool()
         return pool.progress(future) if pool is not None else None
 
     def warm(self, n: int | None = None, *, timeout: float | None = 60.0) -> ProcessExecutor:

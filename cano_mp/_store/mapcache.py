@@ -45,7 +45,18 @@ from typing import Any
 
 from .shm import open_checked
 
-__all__ = ["MapCache", "current", "enable", "from_env", "prefault", "stats", "sweep"]
+__all__ = [
+    "PREFAULT_CHUNK",
+    "POPULATE_MIN",
+    "MapCache",
+    "address",
+    "current",
+    "enable",
+    "from_env",
+    "prefault",
+    "stats",
+    "sweep",
+]
 
 DEFAULT_BUDGET_MB = 1024
 MAX_ENTRIES = 128
@@ -177,13 +188,10 @@ class MapCache:
         """Pre-fault a new mapping, back to front, a chunk at a time: a task reading from
         the front meets this thread halfway, each faulting in half the pages (on a free
         core). ``madvise`` releases the GIL."""
-        try:
-            import numpy as np  # the address of a read-only mapping, without a copy
-        except ImportError:
+        addr = address(mm, length)
+        if addr is None:
             self.populate = False
             return
-        view = np.frombuffer(mm, dtype=np.uint8, count=length)
-        addr = view.__array_interface__["data"][0]
         end = length
         while end > 0:
             start = max(0, end - PREFAULT_CHUNK)
@@ -206,6 +214,16 @@ class _Release:
 
 
 _libc_madvise: Any = None
+
+
+def address(mm: mmap.mmap, length: int) -> int | None:
+    """Where ``mm`` (read-only too) starts in memory, without a copy; None without numpy
+    (the one library at hand that hands out a read-only buffer's address)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    return int(np.frombuffer(mm, dtype=np.uint8, count=length).__array_interface__["data"][0])
 
 
 def prefault(address: int, length: int, write: bool) -> bool:
