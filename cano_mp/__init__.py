@@ -17,58 +17,128 @@ if not _sys.platform.startswith("linux"):  # pragma: no cover - CI runs on Linux
 
 from typing import TYPE_CHECKING, Any
 
-from ._batch import BatchTask, ItemFailure
-from ._context import TaskContext, task_context
-from ._errors import (
-    CanoError,
-    CircuitOpen,
-    ConfigError,
-    RolledBack,
-    StoreError,
-    StoreKeyError,
-    TaskCancelled,
-    TaskError,
-    TaskTimeout,
-    Terminated,
-    TransitionError,
-    WorkerCrashed,
-    WorkflowTimeout,
-)
-from ._executors import Executor, InlineExecutor, ProcessExecutor
-from ._join import JoinConfig, JoinError, JoinStrategy, SplitResult
-from ._observe import Observer, RunInfo
-from ._poll import PollTask
-from ._resilience import CircuitBreaker, MultiRateLimiter, RateLimiter, WindowedRateLimiter
-from ._resilience.resources import Resource, ResourceError
-from ._retry import RetryPolicy, TaskConfig
-from ._stepped import Done, SteppedTask
-from ._store import SharedStore
-from ._task import FunctionTask, Node, Task, task
-from ._wire import RemoteError
-from ._workflow import Workflow
-
 if TYPE_CHECKING:
+    from ._batch import BatchTask, ItemFailure
     from ._checkpoint import CheckpointStore, RunRecord
-    from ._concurrent import ConcurrentResult, ConcurrentWorkflow, InstanceResult, WaitStrategy
+    from ._concurrent import (
+        ConcurrentResult,
+        ConcurrentWorkflow,
+        InstanceResult,
+        WaitStrategy,
+    )
+    from ._context import TaskContext, task_context
+    from ._errors import (
+        CanoError,
+        CircuitOpen,
+        ConfigError,
+        RolledBack,
+        StoreError,
+        StoreKeyError,
+        TaskCancelled,
+        TaskError,
+        TaskTimeout,
+        Terminated,
+        TransitionError,
+        WorkerCrashed,
+        WorkflowTimeout,
+    )
+    from ._executors import Executor, InlineExecutor, ProcessExecutor
+    from ._join import (
+        JoinConfig,
+        JoinError,
+        JoinStrategy,
+        SplitResult,
+    )
     from ._metrics import MetricsObserver
-    from ._scheduler import Backoff, FlowInfo, FlowStatus, Scheduler
+    from ._observe import Observer, RunInfo
+    from ._poll import PollTask
+    from ._resilience import (
+        CircuitBreaker,
+        MultiRateLimiter,
+        RateLimiter,
+        WindowedRateLimiter,
+    )
+    from ._resilience.resources import Resource, ResourceError
+    from ._retry import RetryPolicy, TaskConfig
+    from ._scheduler import (
+        Backoff,
+        FlowInfo,
+        FlowStatus,
+        Scheduler,
+    )
+    from ._stepped import Done, SteppedTask
+    from ._store import SharedStore
+    from ._task import (
+        FunctionTask,
+        Node,
+        Task,
+        task,
+    )
     from ._trace import TraceRecorder
+    from ._wire import RemoteError
+    from ._workflow import Workflow
 
-# Imported on first use: they cost import time (croniter, time zones...) that a script
-# running one workflow never needs.
+# Every public name is imported on first use (PEP 562): a worker process, which imports
+# cano_mp only for the few modules a call needs, starts in about half the time, and a
+# script pays only for what it uses (croniter and time zones for the scheduler, the engine
+# for Workflow). Each class marks itself public in its own module (see ._public).
 _LAZY = {
+    "BatchTask": "_batch",
+    "ItemFailure": "_batch",
+    "CheckpointStore": "_checkpoint",
+    "RunRecord": "_checkpoint",
     "ConcurrentResult": "_concurrent",
     "ConcurrentWorkflow": "_concurrent",
     "InstanceResult": "_concurrent",
     "WaitStrategy": "_concurrent",
+    "TaskContext": "_context",
+    "task_context": "_context",
+    "CanoError": "_errors",
+    "CircuitOpen": "_errors",
+    "ConfigError": "_errors",
+    "RolledBack": "_errors",
+    "StoreError": "_errors",
+    "StoreKeyError": "_errors",
+    "TaskCancelled": "_errors",
+    "TaskError": "_errors",
+    "TaskTimeout": "_errors",
+    "Terminated": "_errors",
+    "TransitionError": "_errors",
+    "WorkerCrashed": "_errors",
+    "WorkflowTimeout": "_errors",
+    "Executor": "_executors",
+    "InlineExecutor": "_executors",
+    "ProcessExecutor": "_executors",
+    "JoinConfig": "_join",
+    "JoinError": "_join",
+    "JoinStrategy": "_join",
+    "SplitResult": "_join",
     "MetricsObserver": "_metrics",
-    "CheckpointStore": "_checkpoint",
-    "RunRecord": "_checkpoint",
+    "Observer": "_observe",
+    "RunInfo": "_observe",
+    "PollTask": "_poll",
+    "CircuitBreaker": "_resilience",
+    "MultiRateLimiter": "_resilience",
+    "RateLimiter": "_resilience",
+    "WindowedRateLimiter": "_resilience",
+    "Resource": "_resilience.resources",
+    "ResourceError": "_resilience.resources",
+    "RetryPolicy": "_retry",
+    "TaskConfig": "_retry",
     "Backoff": "_scheduler",
     "FlowInfo": "_scheduler",
     "FlowStatus": "_scheduler",
     "Scheduler": "_scheduler",
+    "Done": "_stepped",
+    "SteppedTask": "_stepped",
+    "SharedStore": "_store",
+    "FunctionTask": "_task",
+    "Node": "_task",
+    "Task": "_task",
+    "task": "_task",
     "TraceRecorder": "_trace",
+    "RemoteError": "_wire",
+    "Workflow": "_workflow",
 }
 
 
@@ -88,15 +158,6 @@ def __dir__() -> list[str]:
 
 
 __version__ = "0.1.0"
-
-
-def _report_public_module() -> None:
-    from ._public import public
-
-    for name in __all__:
-        obj = globals().get(name)
-        if isinstance(obj, type) and obj.__module__.startswith("cano_mp._"):
-            public(obj)
 
 
 __all__ = [
@@ -158,5 +219,3 @@ __all__ = [
     "task",
     "task_context",
 ]
-
-_report_public_module()

@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+from ._public import public
 from ._retry import TaskConfig
 
 if TYPE_CHECKING:
@@ -140,3 +141,6 @@ def batch_problems(unit: BatchTask[Any, Any, Any]) -> list[str]:
     if unit.progress is not None and not isinstance(unit.progress, bool):
         problems.append(f"{name}.progress must be True, False or None, got {unit.progress!r}")
     return problems
+
+
+public(BatchTask, ItemFailure)

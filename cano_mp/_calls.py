@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import pickle
 import time
 import traceback
 from array import array
@@ -38,7 +39,14 @@ from ._store import results as results_shm
 from ._task import Node, Task
 from ._wire import ChunkOutcome, ItemFailed, Timing, encode_error, short_repr
 
-__all__ = ["TaskExit", "UnitSpec", "UnknownState", "run_batch_chunk", "run_unit_call"]
+__all__ = [
+    "PackedUnits",
+    "TaskExit",
+    "UnitSpec",
+    "UnknownState",
+    "run_batch_chunk",
+    "run_unit_call",
+]
 
 log = get_logger("cano_mp.batch")
 
@@ -103,6 +111,28 @@ class UnitSpec:
             "task": self.name,
             "attempt": attempt,
         }
+
+
+class PackedUnits:
+    """The bytes of a plan's units (see ``Plan.freeze``); unpickles, in a worker, into the
+    tuple of :class:`UnitSpec`. It lives here, beside ``UnitSpec``, so that a worker loading
+    it imports only what runs a call, not the engine."""
+
+    __slots__ = ("meta", "objects")
+
+    def __init__(self, meta: bytes, objects: bytes) -> None:
+        self.meta, self.objects = meta, objects
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpack_units, (self.meta, self.objects))
+
+
+def _unpack_units(meta: bytes, objects: bytes) -> tuple[UnitSpec, ...]:
+    table, workflow, rows = pickle.loads(meta)
+    *units, resources = pickle.loads(objects)
+    return tuple(
+        UnitSpec(units[pos], state, name, table, workflow, resources) for pos, state, name in rows
+    )
 
 
 class TaskExit(Exception):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ._public import public
+
 if TYPE_CHECKING:
     from ._store import SharedStore
 
@@ -141,3 +143,6 @@ def _set_context(
     previous: TaskContext | _LazyContext | None = getattr(_local, "ctx", None)
     _local.ctx = ctx
     return previous
+
+
+public(TaskContext)

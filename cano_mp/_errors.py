@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+from ._public import public
+
 __all__ = [
     "CanoError",
     "CircuitOpen",
@@ -206,3 +208,20 @@ class StoreKeyError(StoreError, KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ repr()s its argument; keep the message readable.
         return str(self.args[0]) if self.args else ""
+
+
+public(
+    CanoError,
+    CircuitOpen,
+    ConfigError,
+    RolledBack,
+    StoreError,
+    StoreKeyError,
+    TaskCancelled,
+    TaskError,
+    TaskTimeout,
+    Terminated,
+    TransitionError,
+    WorkerCrashed,
+    WorkflowTimeout,
+)

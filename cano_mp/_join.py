@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._durations import limit
 from ._errors import CanoError, ConfigError
+from ._public import public
 
 if TYPE_CHECKING:
     from ._errors import TaskError
@@ -251,3 +252,6 @@ class JoinError(CanoError):
         super().__init__(message)
         self.result = result
         self.timed_out = timed_out
+
+
+public(JoinConfig, JoinError, JoinStrategy, SplitResult)

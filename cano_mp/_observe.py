@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._log import get_logger
+from ._public import public
 
 if TYPE_CHECKING:
     from ._join import SplitResult
@@ -272,3 +273,6 @@ class Observers:
 def raised(fn: Callable[..., Any], hook: str) -> None:
     """Log that an observer's hook raised (called in its ``except`` block): ignored."""
     log.exception("observer %r raised in %s; ignored", getattr(fn, "__self__", fn), hook)
+
+
+public(Observer, RunInfo)

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from ._durations import limit, seconds, to_seconds
 from ._errors import ConfigError
+from ._public import public
 from ._resilience import CircuitBreaker, Limiter
 
 __all__ = ["RetryPolicy", "TaskConfig", "to_seconds"]
@@ -166,3 +167,6 @@ class TaskConfig:
     def minimal(cls) -> TaskConfig:
         """No retries, no timeout."""
         return cls(retry=RetryPolicy.none())
+
+
+public(RetryPolicy, TaskConfig)

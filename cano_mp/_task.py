@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, over
 
 from ._batch import BatchTask
 from ._errors import ConfigError
+from ._public import public
 from ._retry import RetryPolicy, TaskConfig
 
 if TYPE_CHECKING:
@@ -327,3 +328,6 @@ def as_unit(
     if callable(obj):
         return FunctionTask(obj)
     raise ConfigError(f"{what}: expected a Task, a Node or a function fn(store), got {obj!r}")
+
+
+public(FunctionTask, Node, Task)

@@ -46,6 +46,7 @@ from typing import Any, Literal, NamedTuple
 import cloudpickle
 
 from ._errors import TaskError
+from ._public import public
 
 __all__ = [
     "CANCELLED",
@@ -480,3 +481,6 @@ def from_wire(raw: tuple[Any, ...]) -> DriverMessage | WorkerMessage:
     """The message record a plain tuple off the pipe stands for (its first field says which)."""
     message: DriverMessage | WorkerMessage = tuple.__new__(_KINDS[raw[0]], raw)
     return message
+
+
+public(RemoteError)

@@ -24,6 +24,7 @@ from ._join import JoinConfig
 from ._log import get_logger
 from ._observe import Observer, Observers
 from ._poll import PollTask, PollUnit
+from ._public import public
 from ._registry import Registration, build_plan, label, mermaid, problems
 from ._resilience.resources import Resource, ResourceSet
 from ._retry import TaskConfig
@@ -540,3 +541,6 @@ def _checkpoint_arg(checkpoint: object, durability: object) -> Any:
     if type(checkpoint).__name__ == "CheckpointStore":
         return checkpoint
     raise ConfigError(f"checkpoint must be a path or a CheckpointStore, got {checkpoint!r}")
+
+
+public(Workflow)

@@ -10,7 +10,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._calls import UnitSpec
+from .._calls import PackedUnits, UnitSpec
 from .._join import JoinConfig
 from .._retry import TaskConfig
 from .._wire import Blob, dumps, short_repr
@@ -101,28 +101,8 @@ class Plan:
         return Frozen(self, Blob(None, specs, "unit", functools.partial(_pack, meta, objects)))
 
 
-class _PackedUnits:
-    """The bytes of a plan's units; unpickles (in a worker) into the tuple of ``UnitSpec``."""
-
-    __slots__ = ("meta", "objects")
-
-    def __init__(self, meta: bytes, objects: bytes) -> None:
-        self.meta, self.objects = meta, objects
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_unpack, (self.meta, self.objects))
-
-
 def _pack(meta: bytes, objects: tuple[Any, ...]) -> bytes:
-    return pickle.dumps(_PackedUnits(meta, dumps(objects)), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _unpack(meta: bytes, objects: bytes) -> tuple[UnitSpec, ...]:
-    table, workflow, rows = pickle.loads(meta)
-    *units, resources = pickle.loads(objects)
-    return tuple(
-        UnitSpec(units[pos], state, name, table, workflow, resources) for pos, state, name in rows
-    )
+    return pickle.dumps(PackedUnits(meta, dumps(objects)), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .._errors import ConfigError
+from .._public import public
 from .._wire import Call
 
 __all__ = [
@@ -226,3 +227,6 @@ class Job:
     def of(future: Future[Any]) -> Job | None:
         """The job of a pending call's future; ``None`` once it resolved (or not ours)."""
         return future.job if isinstance(future, JobFuture) else None
+
+
+public(Executor)

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from .._public import public
 from .._wire import Call
 from .base import Capabilities, ExecutorBase
 
@@ -60,3 +61,6 @@ class InlineExecutor(ExecutorBase):
 
 
 InlineExecutor.__module__ = "cano_mp"
+
+
+public(InlineExecutor)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from loky import cpu_count
 
 from .._errors import CanoError, ConfigError
+from .._public import public
 from .._wire import Call
 from .base import Capabilities, ExecutorBase
 from .pool import Pool
@@ -239,3 +240,6 @@ def _check_start(start_method: str, preload: Sequence[str]) -> tuple[str, ...]:
 
 
 ProcessExecutor.__module__ = "cano_mp"
+
+
+public(ProcessExecutor)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .._durations import seconds
 from .._errors import CircuitOpen, ConfigError
+from .._public import public
 from .shared import SharedCell
 
 __all__ = ["CircuitBreaker"]
@@ -233,3 +234,6 @@ class CircuitBreaker:
             "successes": ok,
             "failures_total": bad,
         }
+
+
+public(CircuitBreaker)

@@ -21,6 +21,7 @@ from typing import Any
 
 from .._durations import seconds, to_seconds
 from .._errors import ConfigError
+from .._public import public
 from .shared import STATE_AT, SharedCell, lock_all, unlock_all
 
 _getpid = os.getpid
@@ -331,3 +332,6 @@ def _count_timeout(tiers: Sequence[_Tier]) -> None:
             t.cell.write((*head, timed_out + 1))
     finally:
         unlock_all(cells)
+
+
+public(MultiRateLimiter, RateLimiter, WindowedRateLimiter)

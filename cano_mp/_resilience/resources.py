@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 
 from .._errors import CanoError, ConfigError
 from .._log import get_logger
+from .._public import public
 from .._store import shm as _shm
 from .shared import SharedCell
 
@@ -226,3 +227,6 @@ def teardown_all() -> None:
             resource.teardown(value)
         except Exception:
             log.warning("teardown of resource %r failed", name, exc_info=True)
+
+
+public(Resource, ResourceError)

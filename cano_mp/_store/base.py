@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, overload
 
 from .._errors import StoreError, StoreKeyError
+from .._public import public
 from .codec import Encoded, Ref, Writer, buffer_address, encode
 from .mapcache import prefault
 
@@ -266,3 +267,6 @@ class Writable:
         if hit is None or hit[0] != view.nbytes or hit[2]() is None:
             return None
         return hit[1]
+
+
+public(SharedStore)
