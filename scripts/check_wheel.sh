@@ -7,10 +7,33 @@
 # The venv and the dependencies the wheel declares are reused while pyproject.toml is
 # unchanged; the wheel itself is rebuilt and reinstalled on every run.
 # ./scripts/test runs it; alone, it sets up .venv (build and twine are in the dev extra).
+# --deps-only: only create the venv and install the dependencies pyproject.toml declares
+# (./scripts/test does that in the background while the 3.11 suite runs: pip waits on the
+# network and the disk); the run that follows installs the wheel with --no-deps, and
+# `pip check` fails it should the wheel declare anything that venv lacks.
 source "$(dirname "$0")/_venv.sh" dev
 DIST=build/dist
 VENV=build/wheel-venv
+EXTRAS=numpy,dask
 mkdir -p build
+STAMP="$VENV/.deps-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ "${1:-}" = "--deps-only" ]; then
+  if [ ! -f "$STAMP" ]; then
+    rm -rf "$VENV"
+    python -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip >/dev/null
+    mapfile -t deps < <(python -c '
+import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project.get("optional-dependencies", {})
+print("\n".join(project["dependencies"] + [d for e in sys.argv[1].split(",") for d in extras[e]]))
+' "$EXTRAS")
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${deps[@]}"
+    touch "$STAMP"
+  fi
+  echo "-- $VENV has the dependencies of cano_mp[$EXTRAS]"
+  exit 0
+fi
 rm -rf "$DIST"
 
 echo "-- python -m build (sdist, then the wheel from the sdist)"
@@ -34,13 +57,12 @@ if [ ${#wheels[@]} -ne 1 ]; then
 fi
 WHEEL="$ROOT/${wheels[0]}"
 
-STAMP="$VENV/.deps-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "-- creating $VENV and installing the wheel with its dependencies (numpy, dask extras)"
   rm -rf "$VENV"
   python -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip >/dev/null
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[numpy,dask]"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[$EXTRAS]"
   touch "$STAMP"
 else
   echo "-- installing the new wheel into $VENV (dependencies reused: pyproject.toml unchanged)"
