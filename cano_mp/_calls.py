@@ -46,6 +46,7 @@ __all__ = [
     "UnknownState",
     "run_batch_chunk",
     "run_unit_call",
+    "run_unit_group",
 ]
 
 log = get_logger("cano_mp.batch")
@@ -212,6 +213,31 @@ def run_unit_call(
         failure = encode_error(exc, remote, traceback.format_exc())
         return ("unit", None, [], failure, pid, started, time.time())
     return ("unit", state, log, None, pid, started, time.time())
+
+
+def run_unit_group(
+    control: Any,
+    deadline: float | None,
+    units: Sequence[UnitSpec],
+    snap: WireSnapshot,
+    calls: Sequence[tuple[int, int, str, str, bool]],
+) -> tuple[str, list[tuple[Any, ...]]]:
+    """Run several quick split branches in one pool call (see ``_engine.groups``): each as
+    :func:`run_unit_call` would, one after the other, with its position in ``calls`` in
+    the slot's progress field, so that a crash is charged to the branch it happened in, and
+    each outcome kept in the slot's flags (``CallControl.keep_outcome``), so that a crash
+    loses none that had finished. A branch that leaves the worker unusable (the health
+    check of ``_worker.loop``) ends the call: the branches after it are not begun."""
+    positions = control.positions()
+    outcomes = []
+    for k, args in enumerate(calls):
+        positions[0] = k
+        outcome = run_unit_call(control, deadline, units, snap, *args)
+        control.keep_outcome(k, outcome)
+        outcomes.append(outcome)
+        if k + 1 < len(calls) and control.broken() is not None:
+            break  # this branch left the worker unusable: the rest run in a new one
+    return ("group", outcomes)
 
 
 # -- the worker side of one chunk -------------------------------------------------------------

@@ -122,7 +122,8 @@ RemoteError.__module__ = "cano_mp"
 class WorkerDied(Exception):
     """The process running a call died; ``exitcode`` is negative for a signal.
 
-    ``position`` is the item the call last reported working on, or ``None``.
+    ``position`` is the item the call last reported working on, or ``None``; ``finished``:
+    the outcomes a grouped call had kept before it died (``_calls.run_unit_group``).
     """
 
     def __init__(self, exitcode: int | None, pid: int | None) -> None:
@@ -130,6 +131,7 @@ class WorkerDied(Exception):
         self.exitcode = exitcode
         self.pid = pid
         self.position: int | None = None
+        self.finished: list[Any] = []
 
 
 class Blob:

@@ -161,8 +161,11 @@ def test_progress_is_not_read_unless_declared() -> None:
 
 def test_the_builtin_executors_declare_what_they_can_do(pool: ProcessExecutor) -> None:
     assert capabilities(InlineExecutor()) == Capabilities(remote=False)
-    assert capabilities(pool) == Capabilities(reports_progress=True, direct=True)
+    assert capabilities(pool) == Capabilities(reports_progress=True, direct=True, group_calls=True)
     assert progress_reader(pool) is not None
+    # a worker per so many calls: a split's branches are never grouped there
+    with ProcessExecutor(max_workers=1, reuse=False, max_tasks_per_worker=5) as recycled:
+        assert capabilities(recycled) == Capabilities(reports_progress=True, direct=True)
     assert isinstance(pool, Executor) and isinstance(InlineExecutor(), Executor)
 
 

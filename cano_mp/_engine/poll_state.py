@@ -22,9 +22,10 @@ from .._poll import PollUnit
 from .._stepped import CONTINUE
 from .._store import Snapshot
 from .gates import record
+from .groups import Branch
 from .plan import StateEntry, describe
 from .scope import RunScope
-from .task_state import Branch, TaskState
+from .task_state import TaskState
 
 if TYPE_CHECKING:
     from .recovery import Run

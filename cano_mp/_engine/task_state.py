@@ -20,21 +20,21 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from .._calls import run_unit_call
 from .._errors import TaskCancelled, TaskError
-from .._executors import Executor, InlineExecutor
+from .._executors import InlineExecutor
 from .._join import JoinError, SplitResult, decide
 from .._log import get_logger
 from .._observe import raised
 from .._store import Snapshot
 from .._wire import Call, UnitOutcome, WorkerDied, decode_error
-from .attempts import Failed, Subject, check_transition, crash_error, retry_or_fail, submit
+from .attempts import Failed, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
 from .gates import admitted, rate_wait, record, release
-from .plan import StateEntry, UnitRef, describe
+from .groups import QUICK_BRANCH, Branch, Finished, Grouped
+from .plan import StateEntry, describe
 from .scope import RunScope
 
 __all__ = ["TaskState"]
@@ -43,35 +43,8 @@ log = get_logger("cano_mp.engine")
 
 _INLINE = InlineExecutor()
 
-# A split's branch calls may be queued in a busy worker's pipe (Call.ahead: pre-feed) while
-# more than 4 in 5 of its finished branches took less than this in their worker: a queued
-# call waits for the one before it, so only quick branches are worth it (the odd slow one,
-# a worker descheduled on a busy machine, does not turn it off).
-QUICK_BRANCH = 0.01
 
-
-@dataclass(eq=False)
-class Branch:
-    index: int
-    ref: UnitRef
-    status: str = "waiting"  # waiting | running | retry | ok | failed | cancelled
-    attempt: int = 0
-    future: Future[Any] | None = None
-    executor: Executor | None = None
-    token: str = ""
-    deadline: float | None = None
-    started: float = 0.0
-    retry_at: float = 0.0
-    next_state: Any = None
-    log: list[Any] = field(default_factory=list)
-    error: TaskError | None = None
-    rate_told: bool = False  # observers know it waits for its rate limit
-
-    def subject(self, state: Any) -> Subject:
-        return Subject(state, self.ref.name, self.ref.config)
-
-
-class TaskState:
+class TaskState(Grouped):
     """Drives the branches of one state. Kept incrementally by where each branch is, so that
     a wide split costs O(1) per completion, not O(branches)."""
 
@@ -84,13 +57,18 @@ class TaskState:
         self.waiting: deque[Branch] = deque(self.branches)
         self.retrying: list[Branch] = []
         self.running: set[Branch] = set()
-        self.done: deque[tuple[Branch, Future[Any]]] = deque()
+        self.done: deque[Finished] = deque()
         self.ok = 0
         self.failed = 0
         self.rate_at: float | None = None  # when the first waiting branch may take a token
         self.quick = self.slow = 0  # finished branches under QUICK_BRANCH, and the others
         # A plain task on an executor that can: its thread reads the worker's reply itself.
         self.direct = entry.join is None and scope.wait_direct is not None
+        # A split's quick branches may share calls (see .groups).
+        caps, join = scope.caps, entry.join
+        # (A max_parallel counts branches, not calls.)
+        self.grouping = bool(join and not join.max_parallel and caps.group_calls)
+        self.grouping = self.grouping and caps.reports_progress
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Any:
@@ -166,19 +144,24 @@ class TaskState:
                 b.status = "waiting"
                 self.waiting.appendleft(b)
         quota, self.rate_at = self.scope.quota, None
-        while self.waiting and len(self.running) < limit:
+        size = self.group_size(limit) if quota is None else 1
+        group: list[Branch] = []
+        while self.waiting:
             b = self.waiting[0]
+            grouped = size > 1 and self.groupable(b)
+            if len(self.running) + len(group) >= (limit * size if grouped else limit):
+                break
             inline = b.ref.config.inline or not self.scope.remote
             holds_quota = quota is not None and not inline
             if quota is not None and holds_quota and not quota.try_acquire(self.scope.wake):
-                return
+                break
             subject = b.subject(self.state)
             wait = rate_wait(self.scope, subject, 1, b.rate_told)
             if wait > 0.0:  # in order: the branches behind it wait too
                 if quota is not None and holds_quota:
                     quota.release()
                 b.rate_told, self.rate_at = True, now + wait
-                return
+                break
             b.rate_told = False
             self.waiting.popleft()
             refusal = admitted(self.scope, subject)
@@ -187,7 +170,17 @@ class TaskState:
                     quota.release()
                 self.refuse(b, refusal)
                 continue
-            self.submit(b, inline, holds_quota)
+            if not grouped:
+                self.submit(b, inline, holds_quota)
+                continue
+            group.append(b)
+            if len(group) == size:
+                self.submit_group(group)
+                group = []
+        if len(group) > 1:
+            self.submit_group(group)
+        elif group:
+            self.submit(group[0], False, False)
 
     def refuse(self, b: Branch, refusal: TaskError) -> None:
         """An attempt its circuit breaker refused: it fails now, without being sent."""
@@ -265,6 +258,9 @@ class TaskState:
         """Take the outcomes of the calls that finished since the last pass."""
         while self.done:
             b, fut = self.done.popleft()
+            if isinstance(b, tuple):
+                self.collect_group(b, fut)
+                continue
             if b.future is not fut or b.status != "running":
                 continue  # a call that was cancelled or timed out has stopped
             self.running.discard(b)

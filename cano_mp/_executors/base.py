@@ -93,6 +93,9 @@ class Capabilities:
         direct: ``ExecutorBase.wait_direct`` can wait for a call marked ``Call.direct`` in
             the caller's thread, reading the worker's reply there: no hand-over from a
             manager thread (a plain task's state waits for its one call this way).
+        group_calls: several quick split branches may share one call
+            (``_calls.run_unit_group``; needs ``reports_progress``, which blames a crash on
+            its branch); the local pool does unless ``max_tasks_per_worker`` counts calls.
     """
 
     remote: bool = True
@@ -101,6 +104,7 @@ class Capabilities:
     eager_chunks: bool = False
     reports_progress: bool = False
     direct: bool = False
+    group_calls: bool = False
 
     def __post_init__(self) -> None:
         n = self.in_flight_per_worker

@@ -45,18 +45,11 @@ from .._errors import CanoError
 from .._log import get_logger
 from .._store import shm as _shm
 from .._store.janitor import run_janitor
-from .._wire import (
-    CANCELLED,
-    Call,
-    InitFailed,
-    LogMessage,
-    Raised,
-    Returned,
-    from_wire,
-)
+from .._wire import CANCELLED, Call, InitFailed, LogMessage, Raised, Returned, from_wire
 from .._worker.flags import (
     FlagsFile,
     began,
+    read_outcomes,
     read_progress,
     request_cancel,
     request_skip,
@@ -535,8 +528,9 @@ class Pool:
             if job.cancelled:
                 job.future.set_result(CANCELLED)
             else:
-                where = read_progress(self._flags, slot.index, job.seq)
-                job.future.set_exception(slot.died(exitcode, where))
+                error = slot.died(exitcode, read_progress(self._flags, slot.index, job.seq))
+                error.finished = read_outcomes(self._flags, slot.index, job.seq)
+                job.future.set_exception(error)
 
     def _shutdown_workers(self) -> None:
         live = [s for s in self._slots if s is not None]

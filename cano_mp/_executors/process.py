@@ -25,6 +25,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any, Literal
 
 from loky import cpu_count
@@ -70,8 +71,10 @@ class ProcessExecutor(ExecutorBase):
             the same arguments; ``False`` owns a private pool, shut down by :meth:`close`
             (or the ``with`` block).
         max_tasks_per_worker: replace a worker after it ran this many calls (a task that
-            leaks memory or state); default: never. A worker is also replaced as soon as a
-            task leaves it unusable (closed fd 0/1/2, changed resource limits).
+            leaks memory or state); default: never. With it set, every split branch is a
+            call of its own (quick branches are otherwise grouped several to a call). A
+            worker is also replaced as soon as a task leaves it unusable (closed fd 0/1/2,
+            changed resource limits).
         warm: start the workers now, in the background, instead of at the first call
             (:meth:`warm` does the same and waits for them).
         start_method: ``"loky"`` (default): each worker is a fresh interpreter (fork+exec)
@@ -89,7 +92,7 @@ class ProcessExecutor(ExecutorBase):
     Workers start on demand; :meth:`warm` starts them ahead of time.
     """
 
-    capabilities = Capabilities(reports_progress=True, direct=True)
+    capabilities = Capabilities(reports_progress=True, direct=True, group_calls=True)
 
     def __init__(
         self,
@@ -122,6 +125,8 @@ class ProcessExecutor(ExecutorBase):
         self._max_workers = max_workers or default_workers()
         self._reuse = reuse
         self._max_tasks = max_tasks_per_worker
+        if max_tasks_per_worker is not None:  # a worker per so many branches, not groups
+            self.capabilities = replace(ProcessExecutor.capabilities, group_calls=False)
         self._key = (
             self._max_workers,
             initializer,

@@ -147,6 +147,7 @@ def _serve(conn: Connection, control: CallControl, max_tasks: int | None, health
     ``max_tasks`` calls, or a task left the process unusable (then it exits; the pool
     starts a new worker)."""
     caches = BlobCache.per_category()
+    control.broken = health.broken  # a grouped call checks it between its branches
     done = 0
     recv, raw_send = conn.recv, conn.send
     send_lock = threading.Lock()
