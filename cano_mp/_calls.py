@@ -226,8 +226,9 @@ def run_unit_group(
     :func:`run_unit_call` would, one after the other, with its position in ``calls`` in
     the slot's progress field, so that a crash is charged to the branch it happened in, and
     each outcome kept in the slot's flags (``CallControl.keep_outcome``), so that a crash
-    loses none that had finished. A branch that leaves the worker unusable (the health
-    check of ``_worker.loop``) ends the call: the branches after it are not begun."""
+    loses none that had finished. A cancel, or a branch that leaves the worker unusable
+    (the health check of ``_worker.loop``), ends the call: the branches after it are not
+    begun."""
     positions = control.positions()
     outcomes = []
     for k, args in enumerate(calls):
@@ -235,8 +236,8 @@ def run_unit_group(
         outcome = run_unit_call(control, deadline, units, snap, *args)
         control.keep_outcome(k, outcome)
         outcomes.append(outcome)
-        if k + 1 < len(calls) and control.broken() is not None:
-            break  # this branch left the worker unusable: the rest run in a new one
+        if k + 1 < len(calls) and (control() or control.broken() is not None):
+            break  # cancelled, or this branch left the worker unusable: not begun
     return ("group", outcomes)
 
 

@@ -25,6 +25,7 @@ from cano_mp import (
     TaskConfig,
     WorkerCrashed,
     Workflow,
+    WorkflowTimeout,
 )
 from cano_mp._calls import run_unit_group
 from cano_mp._engine import groups
@@ -136,7 +137,7 @@ def test_a_crash_in_a_group_charges_its_branch_alone_and_loses_no_finished_outco
     assert count.ends == N + len(crashers)
     assert len(count.errors) == len(crashers)
     assert all(isinstance(e, WorkerCrashed) for e in count.errors)
-    assert count.starts[2] == len(crashers)
+    assert count.starts == {1: N, 2: len(crashers)}  # each attempt's start told once
     crashed_in_groups = [g for g in group_calls if crashers & set(g)]
     assert crashed_in_groups, "no crasher was in a grouped call"
 
@@ -344,3 +345,65 @@ def test_a_max_parallel_keeps_every_branch_on_a_call_of_its_own(
     assert flow.orchestrate(store=store) == "done"
     assert group_calls == []
     assert runs(tmp_path) == {i: 1 for i in range(200)}
+
+
+class WaitsForCancel(Leaf):
+    """Branches from 200 on run until their call is cancelled, then return."""
+
+    def run(self, store: Any) -> str:
+        if self.i >= 200:
+            record(self.folder, self.i)
+            from cano_mp import task_context
+
+            ends = time.monotonic() + 60
+            while not task_context().cancelled() and time.monotonic() < ends:
+                time.sleep(0.001)
+            return "done"
+        return super().run(store)
+
+
+def test_a_cancel_stops_a_grouped_call_before_its_next_branch(
+    own_pool: ProcessExecutor, store: SharedStore, tmp_path: Path, group_calls: list[list[int]]
+) -> None:
+    branches = [WaitsForCancel(i, str(tmp_path)) for i in range(N)]
+    flow: Workflow[str] = Workflow(start="split", executor=own_pool, timeout=5.0)
+    flow.register_split("split", branches, JoinConfig(JoinStrategy.all(), "done"))
+    with pytest.raises(WorkflowTimeout):
+        flow.add_exit_state("done").orchestrate(store=store)
+    late = [g for g in group_calls if max(g) >= 200]
+    assert late, "no branch from 200 on was in a grouped call"
+    time.sleep(0.5)  # a call that went on after the cancel would record more meanwhile
+    ran = runs(tmp_path)
+    assert all(ran[i] == 1 for i in range(200))
+    # In each grouped call, the branch that was waiting when the run timed out returned
+    # (cancelled); none after it in its call began.
+    for g in late:
+        assert sum(ran[i] for i in g if i >= 200) <= 1, g
+
+
+@pytest.mark.parametrize(
+    "join",
+    [
+        JoinConfig(JoinStrategy.any(), "done"),
+        JoinConfig(JoinStrategy.partial_results(300), "done"),
+        JoinConfig(JoinStrategy.partial_timeout(), "done", timeout=60.0),
+        JoinConfig(JoinStrategy.all(), "done", timeout=60.0),
+    ],
+    ids=["any", "partial_results", "partial_timeout", "join_timeout"],
+)
+def test_joins_that_may_decide_before_every_branch_ends_never_group(
+    own_pool: ProcessExecutor,
+    store: SharedStore,
+    tmp_path: Path,
+    group_calls: list[list[int]],
+    join: JoinConfig[str],
+) -> None:
+    # Their verdict may come at a success or at a timeout: an outcome held in a running
+    # grouped call would come late, or count as not finished.
+    branches = [Leaf(i, str(tmp_path)) for i in range(N)]
+    flow: Workflow[str] = Workflow(start="split", executor=own_pool)
+    assert (
+        flow.register_split("split", branches, join).add_exit_state("done").orchestrate(store=store)
+        == "done"
+    )
+    assert group_calls == []

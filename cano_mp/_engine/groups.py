@@ -10,9 +10,11 @@ shares the trip.
 
 What a group may hold, and what it costs when a call fails:
 
-- only branches without a timeout of their own, with no quota held, on an executor that
-  reports which item of a call runs (the local pool): a timeout would tick while a branch
-  waits behind the others, and the crash blame below needs the position;
+- only branches without a timeout, circuit breaker or rate limit of their own, with no
+  quota held, on an executor that reports which item of a call runs (the local pool): a
+  timeout would tick while a branch waits behind the others, a breaker or a limiter would
+  admit 16 attempts at once ahead of their run, and the crash blame below needs the
+  position;
 - a worker that dies in a group fails the branch it was running (the call's progress
   position says which), like a crash of that branch alone. The branches that had finished
   keep their outcomes (the worker keeps each in the slot's flags file as it finishes, see
@@ -36,12 +38,13 @@ from typing import Any
 from .._calls import run_unit_group
 from .._errors import TaskError
 from .._executors import Executor
+from .._join import JoinConfig
 from .._wire import Call, UnitOutcome, WorkerDied
 from .attempts import Subject, crash_error, submit
 from .plan import StateEntry, UnitRef
 from .scope import RunScope
 
-__all__ = ["GROUP_AFTER", "GROUP_MAX", "QUICK_BRANCH", "Branch", "Grouped"]
+__all__ = ["GROUP_AFTER", "GROUP_MAX", "QUICK_BRANCH", "Branch", "Grouped", "joins_all"]
 
 # A split's branch calls may be queued in a busy worker's pipe (Call.ahead: pre-feed) while
 # more than 4 in 5 of its finished branches took less than this in their worker: a queued
@@ -71,6 +74,7 @@ class Branch:
     log: list[Any] = field(default_factory=list)
     error: TaskError | None = None
     rate_told: bool = False  # observers know it waits for its rate limit
+    announced: int = 0  # the attempt whose start observers were told of
 
     def subject(self, state: Any) -> Subject:
         return Subject(state, self.ref.name, self.ref.config)
@@ -78,6 +82,18 @@ class Branch:
 
 # What finished: one branch's call, or a group's (its branches, in call order).
 Finished = tuple["Branch | tuple[Branch, ...]", Future[Any]]
+
+
+def joins_all(join: JoinConfig[Any]) -> bool:
+    """Whether a split's branches may be grouped under ``join``: its verdict waits for every
+    branch (``all``, ``quorum``, ``percentage``: a grouped outcome reported a few ms late
+    changes nothing), with no join timeout (an outcome held in a running call would count
+    as not finished) and no ``max_parallel`` (it counts branches, not calls)."""
+    return (
+        join.strategy.kind in ("all", "quorum", "percentage")
+        and join.timeout is None
+        and not join.max_parallel
+    )
 
 
 class Grouped:
@@ -114,8 +130,15 @@ class Grouped:
         return max(1, min(GROUP_MAX, len(self.waiting) // max(1, int(2 * limit))))
 
     def groupable(self, b: Branch) -> bool:
+        # A breaker or a rate limit guards a service: its attempts are admitted (or paced)
+        # one call at a time, not 16 at once ahead of their run.
         config = b.ref.config
-        return config.timeout is None and not config.inline
+        return (
+            config.timeout is None
+            and not config.inline
+            and config.circuit_breaker is None
+            and config.rate_limit is None
+        )
 
     def submit_group(self, group: list[Branch]) -> None:
         """Start one attempt of each branch of ``group`` in one call."""
@@ -136,6 +159,7 @@ class Grouped:
             done.append((members, f))
             wake.set()
 
+        fut: Future[Any] | None = None
         try:
             fut = submit(
                 scope,
@@ -145,16 +169,18 @@ class Grouped:
                 holds_quota=False,
                 on_done=finished,
             )
-        except BaseException:
-            for b in reversed(group):
-                self.running.discard(b)
-                self.again(b)
-            raise
-        for b in group:
-            b.future = fut
+        finally:
+            if fut is None:  # never sent
+                for b in reversed(group):
+                    self.running.discard(b)
+                    self.again(b)
+            else:  # sent (even if Ctrl-C came right after): stop() must cancel it
+                for b in group:
+                    b.future = fut
 
     def again(self, b: Branch) -> None:
-        """Put ``b`` back at the front of the queue, its attempt not charged."""
+        """Put ``b`` back at the front of the queue, its attempt not charged (observers
+        were told it started: they are not told again, see ``TaskState._attempt_starts``)."""
         b.attempt -= 1
         b.status = "waiting"
         b.future = None
@@ -169,8 +195,12 @@ class Grouped:
         try:
             _, outcomes = fut.result()
         except WorkerDied as died:
+            # The branch at the call's position crashed, unless its outcome was kept: then
+            # the worker died between two branches, and none is charged (the rest run again;
+            # nothing deterministic runs there, so this cannot repeat for ever).
             k = died.position if died.position is not None else 0
-            culprit = members[k] if 0 <= k < len(members) else members[0]
+            k = k if 0 <= k < len(members) else 0
+            culprit = members[k] if len(died.finished) <= k else None
             kept = dict(zip(members, died.finished, strict=False))  # finished before it
             for b in reversed(live):
                 if b in kept and b is not culprit:
@@ -181,7 +211,7 @@ class Grouped:
             for b in live:
                 if b in kept and b is not culprit:
                     self.outcome(b, UnitOutcome.from_wire(kept[b]), overdue=False)
-            if culprit in live:
+            if culprit is not None and culprit in live:
                 error = crash_error(culprit.subject(self.state), culprit.attempt, died)
                 self.attempt_failed(culprit, error, None)
             return

@@ -30,6 +30,7 @@ from .._log import get_logger
 from .._observe import raised
 from .._store import Snapshot
 from .._wire import Call, UnitOutcome, WorkerDied, decode_error
+from . import groups
 from .attempts import Failed, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
 from .gates import admitted, rate_wait, record, release
@@ -66,8 +67,7 @@ class TaskState(Grouped):
         self.direct = entry.join is None and scope.wait_direct is not None
         # A split's quick branches may share calls (see .groups).
         caps, join = scope.caps, entry.join
-        # (A max_parallel counts branches, not calls.)
-        self.grouping = bool(join and not join.max_parallel and caps.group_calls)
+        self.grouping = bool(join and groups.joins_all(join) and caps.group_calls)
         self.grouping = self.grouping and caps.reports_progress
 
     # -- the loop --------------------------------------------------------------------------
@@ -146,6 +146,18 @@ class TaskState(Grouped):
         quota, self.rate_at = self.scope.quota, None
         size = self.group_size(limit) if quota is None else 1
         group: list[Branch] = []
+        try:
+            self._start(limit, now, size, group)
+        except BaseException:
+            self.waiting.extendleft(reversed(group))  # taken, never sent
+            raise
+        if len(group) > 1:
+            self.submit_group(group)
+        elif group:
+            self.submit(group[0], False, False)
+
+    def _start(self, limit: float, now: float, size: int, group: list[Branch]) -> None:
+        quota = self.scope.quota
         while self.waiting:
             b = self.waiting[0]
             grouped = size > 1 and self.groupable(b)
@@ -175,12 +187,9 @@ class TaskState(Grouped):
                 continue
             group.append(b)
             if len(group) == size:
-                self.submit_group(group)
-                group = []
-        if len(group) > 1:
-            self.submit_group(group)
-        elif group:
-            self.submit(group[0], False, False)
+                full = group[:]
+                group.clear()  # submit_group puts them back itself if it fails
+                self.submit_group(full)
 
     def refuse(self, b: Branch, refusal: TaskError) -> None:
         """An attempt its circuit breaker refused: it fails now, without being sent."""
@@ -240,6 +249,9 @@ class TaskState(Grouped):
 
     def _attempt_starts(self, b: Branch) -> None:
         scope = self.scope
+        if b.announced == b.attempt:
+            return  # run again uncharged (see Grouped.again): observers know it started
+        b.announced = b.attempt
         if scope.observers.on_task_start:
             scope.observers.emit("on_task_start", scope.info, self.state, b.ref.name, b.attempt)
         if log.isEnabledFor(logging.DEBUG):
