@@ -30,11 +30,10 @@ from .._log import get_logger
 from .._observe import raised
 from .._store import Snapshot
 from .._wire import Call, UnitOutcome, WorkerDied, decode_error
-from . import groups
 from .attempts import Failed, check_transition, crash_error, retry_or_fail, submit
 from .attempts import timeout_error as make_timeout_error
 from .gates import admitted, rate_wait, record, release
-from .groups import QUICK_BRANCH, Branch, Finished, Grouped
+from .groups import QUICK_BRANCH, Branch, Finished, Grouped, joins_all
 from .plan import StateEntry, describe
 from .scope import RunScope
 
@@ -67,7 +66,7 @@ class TaskState(Grouped):
         self.direct = entry.join is None and scope.wait_direct is not None
         # A split's quick branches may share calls (see .groups).
         caps, join = scope.caps, entry.join
-        self.grouping = bool(join and groups.joins_all(join) and caps.group_calls)
+        self.grouping = bool(join and joins_all(join) and caps.group_calls)
         self.grouping = self.grouping and caps.reports_progress
 
     # -- the loop --------------------------------------------------------------------------
