@@ -73,6 +73,8 @@ for version in "$@"; do
     touch "$stamp"
   fi
   echo "   setup took $((SECONDS - started))s"
+  # bytecode for this interpreter (see scripts/_venv.sh: PYTHONDONTWRITEBYTECODE)
+  "$venv/bin/python" -m compileall -q -j 0 cano_mp tests examples >/dev/null || true
   runs+=("$version $venv")
 done
 if [ "${CANO_MP_PYTHONS_SETUP_ONLY:-}" = "1" ] || [ ${#runs[@]} -eq 0 ]; then exit 0; fi
