@@ -171,6 +171,9 @@ class Probe(Task[S]):
 def test_a_breaker_opened_in_one_worker_refuses_the_first_call_in_the_others(
     pool8: ProcessExecutor,
 ) -> None:
+    # Every worker up (a test before may have had some killed by a cancel): a probe finds
+    # another worker idle instead of waiting for one to start.
+    pool8.warm()
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=60.0)
     flow = (
         Workflow(start=S.SPLIT, executor=pool8)
@@ -309,3 +312,34 @@ def test_same_name_is_one_breaker_and_other_settings_are_refused() -> None:
         CircuitBreaker(failure_threshold=2, name="svc-test-same").allow()
     a.reset()
     assert b.state == "closed"
+
+
+def test_a_new_shared_cell_is_never_seen_before_it_is_whole(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Eight workers that first use one limiter at the same moment all make its cell: one
+    that was descheduled between creating the file and sizing it made the others see a
+    0-byte cell and fail with StoreError (seen on a loaded CI run)."""
+    from cano_mp._resilience import shared
+
+    path = str(tmp_path / "cell")
+    real = os.posix_fallocate
+    other: list[int] = []
+
+    def slow_maker(fd: int, offset: int, length: int) -> None:
+        if not other:  # the maker is descheduled here; another process opens the cell
+            other.append(-1)
+            other[0] = shared._open_cell(path)
+        real(fd, offset, length)
+
+    monkeypatch.setattr(shared.os, "posix_fallocate", slow_maker)
+    mine = shared._open_cell(path)
+    try:
+        a, b = os.fstat(mine), os.fstat(other[0])
+        assert (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)  # one cell, both whole
+        assert a.st_size == shared.CELL_BYTES
+        assert os.listdir(tmp_path) == ["cell"]  # no half-made file left behind
+    finally:
+        os.close(mine)
+        if other and other[0] >= 0:
+            os.close(other[0])

@@ -28,11 +28,13 @@ fields of its kind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import mmap
 import os
+import secrets
 import stat
 import struct
 import tempfile
@@ -91,15 +93,25 @@ def shared_dir() -> str:
 
 
 def _open_cell(path: str) -> int:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_NOFOLLOW, 0o600)
-    except FileExistsError:
+    """Open the cell at ``path``, making it if it is not there. A new cell is made whole
+    under a name of its own, then linked into place: another process never sees it shorter
+    than :data:`CELL_BYTES` (it would refuse it), however its maker is scheduled."""
+    if os.path.lexists(path):
         return _shm.open_private(path, os.O_RDWR, size=CELL_BYTES)
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.new"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_NOFOLLOW, 0o600)
     try:
         os.posix_fallocate(fd, 0, CELL_BYTES)  # zeros: magic 0 means "not initialised yet"
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:  # another process linked its cell first: use that one
+        os.close(fd)
+        return _shm.open_private(path, os.O_RDWR, size=CELL_BYTES)
     except BaseException:
         os.close(fd)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     return fd
 
 
