@@ -65,9 +65,10 @@ class TaskState(Grouped):
         # A plain task on an executor that can: its thread reads the worker's reply itself.
         self.direct = entry.join is None and scope.wait_direct is not None
         # A split's quick branches may share calls (see .groups).
-        caps, join = scope.caps, entry.join
-        self.grouping = bool(join and joins_all(join) and caps.group_calls)
-        self.grouping = self.grouping and caps.reports_progress
+        join = entry.join
+        self.grouping = bool(
+            join and joins_all(join) and scope.caps.group_calls and scope.caps.reports_progress
+        )
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Any:
